@@ -1,0 +1,80 @@
+"""`python -m evo …`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evo import evaluator, report
+from evo.config import ConfigError, load_policy
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one sentence and exit code 2, like every other bad input
+        self.exit(2, f"evo: {message}; run '{self.prog} --help' for the options\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m evo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    verify = commands.add_parser("verify", help="verify a candidate kernel against a task")
+    verify.add_argument("task", type=Path, help="task file: class Model, get_inputs(), get_init_inputs()")
+    verify.add_argument("candidate", type=Path, help="candidate file defining class ModelNew")
+    add_common(verify)
+    verify.add_argument("--allow-no-custom-code", action="store_true",
+                        help="verify candidates whose own compiled code does not run (pure-PyTorch rewrites)")
+    verify.add_argument("--allow-reduced-precision", action="store_true",
+                        help="allow TF32, bf16 operands and fast-math flags (reported in the verdict)")
+    verify.add_argument("--tolerance", type=float, help="relative error allowed, instead of the derived bound")
+    verify.add_argument("--trials", type=int, help="correctness trials, each with fresh inputs (default 5)")
+    verify.add_argument("--compile-baseline", action="store_true", help="also time torch.compile of the reference")
+    verify.add_argument("--call-timeout", type=float, help="seconds one call may take (default 60)")
+    verify.add_argument("--build-timeout", type=float, help="seconds the build may take (default 900)")
+
+    check = commands.add_parser("check-task", help="audit a task: outputs that barely depend on the inputs")
+    check.add_argument("task", type=Path)
+    add_common(check)
+    return parser
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    parser.add_argument("--config", type=Path, help="TOML file whose [verify] table sets the policy")
+    parser.add_argument("--memory-limit-gb", type=float, help="resident memory a sandboxed process may use")
+    parser.add_argument("--no-namespaces", action="store_true",
+                        help="do not use Linux namespaces for the sandbox (reported in the verdict)")
+
+
+def policy_from(args: argparse.Namespace):
+    overrides = {
+        "device": args.device,
+        "memory_limit_bytes": int(args.memory_limit_gb * 2**30) if args.memory_limit_gb else None,
+        "use_namespaces": False if args.no_namespaces else None,
+    }
+    if args.command == "verify":
+        overrides.update(
+            require_custom_code=False if args.allow_no_custom_code else None,
+            allow_reduced_precision=True if args.allow_reduced_precision else None,
+            tolerance=args.tolerance, trials=args.trials,
+            compile_baseline=True if args.compile_baseline else None,
+            call_timeout_s=args.call_timeout, build_timeout_s=args.build_timeout)
+    return load_policy(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        policy = policy_from(args)
+    except ConfigError as err:
+        print(f"evo: {err}", file=sys.stderr)
+        return 2
+    if args.command == "verify":
+        verdict = evaluator.verify(args.task, args.candidate, policy)
+        report.show_verdict(verdict, as_json=args.json)
+        return verdict.exit_code
+    audit = evaluator.check_task(args.task, policy)
+    report.show_audit(audit, as_json=args.json)
+    return audit.exit_code

@@ -1,0 +1,150 @@
+"""The device a verification runs on, seen from the orchestrator without a CUDA context:
+which GPU, its architecture, the sandbox environment and limits, cached ceilings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from evo.sandbox_runner import Limits
+
+GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
+CPU_FLUSH_BYTES = 64 << 20
+# Environment variables a sandbox keeps; everything else (API keys included) is dropped.
+PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "CC", "CXX",
+                  "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "MAX_JOBS")
+
+
+class DeviceError(Exception):
+    """The requested device cannot be used; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cuda" or "cpu"
+    visible: str  # CUDA_VISIBLE_DEVICES for the sandboxes ("" on cpu)
+    name: str  # the GPU's or CPU's name
+    arch: str  # compute capability such as "9.0"; "" on cpu
+
+    @property
+    def torch_name(self) -> str:
+        return "cuda:0" if self.kind == "cuda" else "cpu"
+
+    @property
+    def arch_tag(self) -> str:
+        return f"sm{self.arch.replace('.', '')}" if self.arch else "cpu"
+
+    @property
+    def flush_bytes(self) -> int:
+        return GPU_FLUSH_BYTES if self.kind == "cuda" else CPU_FLUSH_BYTES
+
+    def cache_bytes(self, facts: dict) -> int:
+        """Bytes of output that may still sit in the last-level cache when a call ends."""
+        return int(facts.get("l2_bytes") or 0) if self.kind == "cuda" else 0
+
+
+def list_gpus() -> list[tuple[str, str, str]]:
+    """(index, name, compute capability) of each GPU that nvidia-smi sees."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [tuple(part.strip() for part in line.split(",")) for line in out.stdout.strip().splitlines() if line]
+
+
+def resolve(requested: str | None) -> Device:
+    gpus = list_gpus()
+    parent_visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if requested in (None, "cuda") or (requested or "").startswith("cuda:"):
+        if not gpus:
+            if requested is None:
+                return Device(kind="cpu", visible="", name=platform.processor() or platform.machine(), arch="")
+            raise DeviceError(f"--device {requested} was asked for but no NVIDIA GPU is visible (nvidia-smi found none); "
+                              "use --device cpu to verify C++ candidates on the CPU")
+        ordinal = int(requested.split(":")[1]) if requested and ":" in requested else 0
+        choices = parent_visible or [index for index, _, _ in gpus]
+        if ordinal >= len(choices):
+            raise DeviceError(f"--device {requested} names GPU {ordinal}, but only {len(choices)} are visible")
+        physical = choices[ordinal]
+        match = next((gpu for gpu in gpus if gpu[0] == physical), gpus[0])
+        return Device(kind="cuda", visible=physical, name=match[1], arch=match[2])
+    if requested == "cpu":
+        return Device(kind="cpu", visible="", name=platform.processor() or platform.machine(), arch="")
+    raise DeviceError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu")
+
+
+def limits(policy, device: Device) -> Limits:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = policy.memory_limit_bytes or int(total * 0.75)
+    # A CUDA process reserves far more address space than it uses, so RLIMIT_AS only fits the CPU.
+    address_space = memory + (4 << 30) if device.kind == "cpu" else None
+    return Limits(memory_bytes=memory, address_space_bytes=address_space)
+
+
+def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, str]:
+    env = {key: os.environ[key] for key in PASSED_THROUGH if key in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    env.update(HOME=str(home), TMPDIR=str(home), PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
+               CUDA_VISIBLE_DEVICES=device.visible, TRITON_CACHE_DIR=str(home / "triton"),
+               TORCHINDUCTOR_CACHE_DIR=str(home / "inductor"), CUPY_CACHE_DIR=str(home / "cupy"),
+               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               # Spinning OpenMP workers would steal the cores the parent's clock and the checker need.
+               OMP_WAIT_POLICY="PASSIVE")
+    if device.arch:
+        env["TORCH_CUDA_ARCH_LIST"] = device.arch
+    env.update(extra)
+    return env
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("EVO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "evo")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _ceilings_path(root: Path, device: Device) -> Path:
+    key = hashlib.sha256(f"{device.kind}|{device.name}|{device.arch}|{driver_version()}".encode()).hexdigest()[:16]
+    return root / f"ceilings-{device.kind}-{key}.json"
+
+
+def cached_ceilings(root: Path, device: Device) -> dict | None:
+    try:
+        return json.loads(_ceilings_path(root, device).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store_ceilings(root: Path, device: Device, ceilings: dict) -> None:
+    _ceilings_path(root, device).write_text(json.dumps(ceilings))
+
+
+def driver_version() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment(device: Device, facts: dict) -> dict:
+    from evo import __version__
+
+    env = {"gpu": facts.get("gpu") if device.kind == "cuda" else None, "driver": driver_version(),
+           "torch": facts.get("torch"), "cuda": facts.get("cuda"), "python": facts.get("python"),
+           "cpu": facts.get("cpu"), "evo": __version__, "compute_capability": facts.get("compute_capability"),
+           "sm_count": facts.get("sm_count"), "l2_bytes": facts.get("l2_bytes")}
+    return {key: value for key, value in env.items() if value is not None}

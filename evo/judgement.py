@@ -1,0 +1,150 @@
+"""The checks of one evaluation as they accumulate, and the checks the parent decides itself
+from what it observed (timer consistency, speed of light, which kernels ran)."""
+
+from __future__ import annotations
+
+from evo.timing import Samples, timer_consistency
+from evo.verdict import Check, Roofline, Timings
+
+# Margins over the measured ceilings before a time counts as faster than the device allows:
+# copies reach ~90% of the bandwidth a kernel can, and reduced-precision tensor cores may
+# beat the measured bf16 product a little. A CPU's copy uses fewer cores than a kernel can.
+SPEED_OF_LIGHT_MARGIN = {"cuda": 1.25, "cpu": 4.0}
+
+# Kernel names that belong to PyTorch and the vendor libraries, not to the candidate.
+LIBRARY_KERNEL_MARKERS = ("at::", "cublas", "cutlass", "cudnn", "xmma", "nvjet", "sm90_", "sm80_", "ampere_",
+                          "volta_", "turing_", "Memcpy", "Memset", "cub::", "thrust::", "triton_poi_", "triton_red_",
+                          "triton_per_", "triton_tem_", "gemv", "gemmSN", "splitKreduce", "elementwise_kernel",
+                          "reduce_kernel", "CatArrayBatched", "cunn_", "cudnn_")
+
+
+class Rejected(Exception):
+    """A check failed and the evaluation stops; the judgement holds the reason."""
+
+
+class Judgement:
+    def __init__(self) -> None:
+        self.by_name: dict[str, Check] = {}
+        self.roofline: Roofline | None = None
+
+    @property
+    def checks(self) -> list[Check]:
+        return list(self.by_name.values())
+
+    def passed(self, name: str, detail: str) -> None:
+        if name not in self.by_name:
+            self.by_name[name] = Check(name=name, passed=True, detail=detail)
+
+    def fail(self, name: str, detail: str) -> None:
+        current = self.by_name.get(name)
+        if current is None or current.passed:
+            self.by_name[name] = Check(name=name, passed=False, detail=detail)
+
+    def reject(self, name: str, detail: str) -> None:
+        self.fail(name, detail)
+        raise Rejected(name)
+
+    def first_failure(self) -> Check | None:
+        return next((check for check in self.by_name.values() if not check.passed), None)
+
+    def record_all(self, checks: list[dict], where: str, stop: bool = True) -> None:
+        failed = False
+        for check in checks:
+            if check["passed"]:
+                self.passed(check["name"], check["detail"])
+            else:
+                self.fail(check["name"], f"{where}: {check['detail']}")
+                failed = True
+        if failed and stop:
+            raise Rejected(where)
+
+    # ---- what the candidate process reported about its outputs ---------------------------
+
+    def structure(self, outputs: list[dict], reply: dict, device: str, where: str) -> None:
+        checks = []
+        for position, item in enumerate(outputs):
+            if not item["exact_tensor"] or item.get("layout") != "torch.strided":
+                checks.append(("output_type", False, f"output {position} is a {item['type']}"
+                               + (f" with layout {item['layout']}" if item.get("layout") else "")
+                               + "; outputs must be plain dense torch.Tensor objects (no subclass, no lazy or sparse tensor)"))
+            elif item["device"] != device:
+                checks.append(("output_device", False, f"output {position} is on {item['device']}, expected {device}"))
+            elif item["shares_input_storage"]:
+                checks.append(("output_aliasing", False, f"output {position} shares memory with an input; "
+                               "outputs must be new tensors"))
+        if not reply.get("plain") and not checks:
+            checks.append(("output_type", False, "the call returned something other than plain tensors"))
+        for name, detail in (("output_type", "every output is a plain dense torch.Tensor"),
+                             ("output_device", f"every output is on {device}"),
+                             ("output_aliasing", "no output shares memory with an input")):
+            checks.append((name, True, detail))
+        self.record_all([{"name": n, "passed": p, "detail": d} for n, p, d in checks], where)
+
+    def flags(self, changed: list[str], where: str) -> None:
+        if changed:
+            self.reject("global_flags", f"{where} the candidate changed global numeric settings: {'; '.join(changed)}; "
+                        "they are pinned by the evaluator (use --allow-reduced-precision for TF32)")
+        self.passed("global_flags", "TF32, matmul precision and cuDNN settings stayed as pinned")
+
+    # ---- what the parent decides from the timings ----------------------------------------
+
+    def timed(self, reference: Samples, candidate: Samples, timings: Timings, facts: dict, device,
+              allow_reduced_precision: bool) -> None:
+        self.passed("runs", "every call completed")
+        consistency = timer_consistency(reference, candidate)
+        self.by_name[consistency.name] = consistency
+        self.roofline = roofline(facts, timings.candidate.median_ms, device, allow_reduced_precision)
+        limit = self.roofline.speed_of_light_ms
+        if timings.candidate.median_ms < limit:
+            self.fail("speed_of_light", (
+                f"the median call took {timings.candidate.median_ms:.4f} ms, faster than this device allows for the "
+                f"task's work ({limit:.4f} ms: {self.roofline.min_bytes / 1e6:.1f} MB at the measured bandwidth, "
+                f"{self.roofline.flops / 1e9:.2f} GFLOP at the measured peak rate): the work was not done in the call"))
+        else:
+            self.passed("speed_of_light", f"the median call is above the device's limit of {limit:.4f} ms for this work")
+
+    def custom_code(self, kernels: dict, required: bool) -> None:
+        ran = kernels["extension_calls"] > 0 or bool(kernels["own_kernels_us"])
+        share = kernels.get("library_fraction")
+        share_text = f"; {share:.0%} of GPU time in library kernels" if share is not None else ""
+        if ran:
+            self.passed("custom_code", f"the candidate's own compiled code ran{share_text}")
+        elif required:
+            self.fail("custom_code", "none of the candidate's own compiled code ran during a call (no extension "
+                      f"function called, no kernel of its own launched){share_text}; pass --allow-no-custom-code to "
+                      "audit pure-PyTorch rewrites")
+        else:
+            self.passed("custom_code", f"no custom code ran, allowed by --allow-no-custom-code{share_text}")
+
+
+def roofline(facts: dict, median_ms: float, device, allow_reduced_precision: bool) -> Roofline:
+    ceilings = facts["ceilings"]
+    flops = facts["flops"]
+    input_bytes = sum(meta["nbytes"] for meta in facts["inputs"])
+    output_bytes = sum(meta["nbytes"] for meta in facts["outputs"])
+    seconds = median_ms * 1e-3
+    margin = SPEED_OF_LIGHT_MARGIN[device.kind]
+    # Writes may still sit in the cache when a kernel ends; reads after a flush cannot.
+    must_move = input_bytes + max(0, output_bytes - device.cache_bytes(facts["facts"]))
+    light = max(must_move / (ceilings["bandwidth_bytes_per_s"] * margin),
+                flops / (ceilings["peak_flops_per_s"] * margin)) * 1e3
+    rate_ceiling = ceilings["peak_flops_per_s"] if allow_reduced_precision else ceilings["fp32_flops_per_s"]
+    return Roofline(flops=flops, min_bytes=input_bytes + output_bytes,
+                    achieved_flops_per_s=flops / seconds if seconds else None,
+                    achieved_bytes_per_s=(input_bytes + output_bytes) / seconds if seconds else None,
+                    fraction_of_peak_flops=flops / seconds / rate_ceiling if seconds else None,
+                    fraction_of_bandwidth=(input_bytes + output_bytes) / seconds / ceilings["bandwidth_bytes_per_s"]
+                    if seconds else None,
+                    speed_of_light_ms=light, ceilings=ceilings)
+
+
+def classify_kernels(profile: dict, extension_calls: int) -> dict:
+    """Split the profiled kernels into the candidate's own and the libraries'."""
+    own, library = {}, {}
+    for name, micros in profile.get("kernels_us", {}).items():
+        (library if any(marker in name for marker in LIBRARY_KERNEL_MARKERS) else own)[name] = micros
+    total = sum(own.values()) + sum(library.values())
+    return {"own_kernels_us": own, "library_kernels_us": library,
+            "library_fraction": sum(library.values()) / total if total else None,
+            "extension_calls": max(extension_calls, profile.get("extension_calls", 0)),
+            "top_level_aten_us": profile.get("top_level_aten_us", {})}

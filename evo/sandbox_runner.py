@@ -1,0 +1,251 @@
+"""Starting a sandbox program in its own isolated process and talking to it.
+
+Every wait has a deadline; on a deadline, a memory overrun or a protocol violation the
+whole process group is killed (and with it the PID namespace, where there is one).
+No threads: one selector loop drains the child's output while frames come and go.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evo.isolation import IsolationProfile
+from evo.sandbox import wire
+
+SANDBOX_DIR = Path(wire.__file__).resolve().parent
+OUTPUT_KEEP = 32 * 1024  # bytes of the child's stdout/stderr kept, head and tail each
+
+
+class SandboxFailure(Exception):
+    """The sandboxed process ended or misbehaved; `kind` says how, the message says it in words."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind  # timeout | crashed | memory | protocol
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int  # resident memory of the whole process tree
+    address_space_bytes: int | None  # RLIMIT_AS; None where it would break the device runtime
+    open_files: int = 4096
+
+
+class CappedOutput:
+    """Keeps the head and the tail of a stream that may be flooded."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = OUTPUT_KEEP - len(self.head)
+        self.head += data[:max(room, 0)]
+        rest = data[max(room, 0):]
+        if rest:
+            self.tail += rest
+            if len(self.tail) > OUTPUT_KEEP:
+                self.dropped += len(self.tail) - OUTPUT_KEEP
+                del self.tail[: len(self.tail) - OUTPUT_KEEP]
+
+    def text(self) -> str:
+        middle = f"\n[... {self.dropped} bytes dropped ...]\n" if self.dropped else ""
+        return (bytes(self.head) + middle.encode() + bytes(self.tail)).decode(errors="replace")
+
+
+class SandboxProcess:
+    def __init__(self, program: str, *, isolation: IsolationProfile, workdir: Path, env: dict[str, str],
+                 limits: Limits, label: str):
+        self.program = SANDBOX_DIR / program
+        self.isolation, self.workdir, self.env, self.limits, self.label = isolation, workdir, env, limits, label
+        self.proc: subprocess.Popen | None = None
+        self.stdout, self.stderr = CappedOutput(), CappedOutput()
+        self.parser = wire.FrameParser()
+        self.frames: list[tuple[dict, bytearray]] = []
+
+    def start(self) -> "SandboxProcess":
+        child_read, parent_write = os.pipe()
+        parent_read, child_write = os.pipe()
+        command = [*self.isolation.command_prefix, sys.executable, str(self.program), f"{child_read},{child_write}"]
+        self.proc = subprocess.Popen(
+            command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, pass_fds=(child_read, child_write), start_new_session=True,
+            preexec_fn=self._apply_limits)
+        os.close(child_read)
+        os.close(child_write)
+        self.to_child, self.from_child = parent_write, parent_read
+        for fd in (self.to_child, self.from_child, self.proc.stdout.fileno(), self.proc.stderr.fileno()):
+            os.set_blocking(fd, False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.from_child, selectors.EVENT_READ, "frames")
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ, self.stdout)
+        self.selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
+        return self
+
+    def _apply_limits(self) -> None:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.limits.open_files, self.limits.open_files))
+        if self.limits.address_space_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (self.limits.address_space_bytes,) * 2)
+
+    # ---- exchanging frames ----------------------------------------------------------------
+
+    def request(self, header: dict, payload: bytes | memoryview = b"", timeout: float = 60.0) -> tuple[dict, bytearray]:
+        self.send(header, payload, timeout)
+        return self.receive(timeout)
+
+    def send(self, header: dict, payload: bytes | memoryview = b"", timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [memoryview(part).cast("B") for part in wire.encode(header, payload)]
+        self.selector.register(self.to_child, selectors.EVENT_WRITE, "write")
+        try:
+            while pending:
+                self._pump(deadline, f"sending {header.get('op')}")
+                while pending:
+                    try:
+                        written = os.write(self.to_child, pending[0])
+                    except BlockingIOError:
+                        break
+                    except BrokenPipeError:
+                        self._raise_ended()
+                    pending[0] = pending[0][written:]
+                    if not pending[0]:
+                        pending.pop(0)
+        finally:
+            self.selector.unregister(self.to_child)
+
+    def receive(self, timeout: float = 60.0) -> tuple[dict, bytearray]:
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            self._pump(deadline, "waiting for a reply")
+        return self.frames.pop(0)
+
+    def _pump(self, deadline: float, doing: str) -> None:
+        """Wait for one round of I/O, enforcing the deadline and the memory limit."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            self.kill()
+            raise SandboxFailure("timeout", f"the {self.label} did not answer in time ({doing})")
+        for key, _ in self.selector.select(min(remaining, 0.25)):
+            if key.data == "write":
+                continue
+            try:
+                data = os.read(key.fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not data:
+                self.selector.unregister(key.fileobj)
+                if key.data == "frames":
+                    self._raise_ended()
+                continue
+            if key.data == "frames":
+                try:
+                    self.frames.extend(self.parser.feed(data))
+                except ValueError as err:
+                    self.kill()
+                    raise SandboxFailure("protocol", f"the {self.label} broke the message protocol ({err})") from None
+            else:
+                key.data.add(data)
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        resident = tree_resident_bytes(self.proc.pid)
+        if resident > self.limits.memory_bytes:
+            self.kill()
+            raise SandboxFailure("memory", f"the {self.label} used {resident / 2**30:.1f} GiB of memory, over the "
+                                 f"limit of {self.limits.memory_bytes / 2**30:.1f} GiB, and was stopped")
+
+    def _raise_ended(self) -> None:
+        code = self.proc.wait(timeout=30)
+        self.kill()
+        if code < 0:
+            how = f"was killed by signal {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        raise SandboxFailure("crashed", f"the {self.label} {how}{crash_hint(self.stderr.text())}")
+
+    # ---- ending -----------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self._drain()
+
+    def _drain(self) -> None:
+        for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            try:
+                while data := os.read(stream.fileno(), 1 << 20):
+                    sink.add(data)
+            except (BlockingIOError, OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        """Ask the program to exit, then make sure the whole group is gone."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.send({"op": "exit"}, timeout=2)
+                self.proc.wait(timeout=5)
+            except (SandboxFailure, subprocess.TimeoutExpired, OSError):
+                pass
+        self.kill()
+        for fd in (self.to_child, self.from_child):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.selector.close()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+        self.proc = None
+
+
+def tree_resident_bytes(root: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    total, stack, seen = 0, [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                stack.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def crash_hint(stderr: str) -> str:
+    """A short cause from the child's last words, where one is recognisable."""
+    lowered = stderr.lower()
+    for marker, hint in (("illegal memory access", "an illegal memory access on the GPU"),
+                         ("misaligned address", "a misaligned memory access on the GPU"),
+                         ("out of memory", "running out of memory"),
+                         ("segmentation fault", "a segmentation fault")):
+        if marker in lowered:
+            return f" after {hint}"
+    last = [line for line in stderr.strip().splitlines() if line.strip()]
+    return f"; its last output: {last[-1][:200]}" if last else ""

@@ -1,0 +1,157 @@
+"""The candidate runner: runs inside a fresh, isolated process, one candidate only.
+
+It imports the candidate, makes each call's inputs from a seed it is handed at that
+moment, times the call, and hands back the outputs. It holds no expected output and no
+seed it has not been told to use; everything it reports is checked by the parent.
+
+    python candidate.py READ_FD,WRITE_FD
+
+Imports only the standard library and torch. Never imports evo.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+import hooks  # noqa: E402
+import wire  # noqa: E402
+
+_tensor_type = torch.Tensor
+_exact_type = type
+_write_frame = wire.write_frame
+_read_frame = wire.read_frame
+
+
+class Runner:
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd, self.write_fd = read_fd, write_fd
+        self.model = None
+        self.inputs: list = []
+        self.recent_inputs: list = []  # the last sets stay alive, so each call's inputs land at new addresses
+        self.ledger = hooks.ExtensionLedger()
+        self.pinned_flags: dict = {}
+
+    def serve(self) -> None:
+        while True:
+            try:
+                header, _ = _read_frame(self.read_fd)
+            except wire.ChannelClosed:
+                return
+            op = header["op"]
+            if op == "exit":
+                return
+            try:
+                getattr(self, "op_" + op)(header)
+            except harness.UserCodeError as err:
+                _write_frame(self.write_fd, {"error": str(err)})
+            except Exception as err:  # the candidate's code raised during this step
+                _write_frame(self.write_fd, {"error": harness.describe_exception(err)})
+
+    def op_load(self, msg: dict) -> None:
+        self.device = msg["device"]
+        self.clock = harness.DeviceClock(self.device)
+        self.allow_reduced_precision = msg["allow_reduced_precision"]
+        self.pinned_flags = harness.pin_numeric_flags(self.allow_reduced_precision)
+        hooks.install(msg["extensions_dir"], msg["allow_reduced_precision"], self.ledger)
+        _, self.get_inputs, get_init_inputs = harness.load_task(msg["task"])
+        self.generate_on_device = msg["generate_on_device"]
+        self.poison_sizes = msg["poison_sizes"]
+        module = harness.import_file(msg["candidate"], "evo_candidate", "candidate")
+        model_class = getattr(module, "ModelNew", None)
+        if not isinstance(model_class, type):
+            raise harness.UserCodeError("the candidate file does not define class ModelNew")
+        init_inputs = harness.make_init_inputs(get_init_inputs)
+        harness.seed_everything(msg["init_seed"])
+        self.model = harness.call_user(lambda: model_class(*init_inputs), "ModelNew(*get_init_inputs())")
+        if isinstance(self.model, torch.nn.Module):
+            self.model = self.model.to(self.device)
+        _write_frame(self.write_fd, {"ok": True, "flags_changed": self.changed_flags(),
+                                     "extensions": self.ledger.extensions})
+
+    def changed_flags(self) -> list[str]:
+        now = harness.read_numeric_flags()
+        changed = [f"{name} = {now[name]!r} (pinned to {pinned!r})"
+                   for name, pinned in self.pinned_flags.items() if now.get(name) != pinned]
+        if changed:  # re-assert, so one violation is reported once and not compounded
+            harness.pin_numeric_flags(self.allow_reduced_precision)
+        return changed
+
+    def op_prepare(self, msg: dict) -> None:
+        self.recent_inputs = (self.recent_inputs + [self.inputs])[-2:]
+        self.inputs = harness.make_inputs(self.get_inputs, msg["seed"], self.device, self.generate_on_device)
+        harness.poison_allocator(self.device, self.poison_sizes)
+        self.clock.synchronize()
+        _write_frame(self.write_fd, {"ready": True})
+
+    def op_run(self, msg: dict) -> None:
+        """Time one call. The first reply is sent the moment the clock stops, with a checksum of the
+        outputs as they are then; the description and the bytes follow in a second frame."""
+        calls_before = self.ledger.calls
+        result, elapsed_ms = self.clock.time_call(self.model, *self.inputs)
+        outputs = harness.as_output_list(result)
+        plain = all(_exact_type(out) is _tensor_type for out in outputs)
+        digest = harness.checksum(outputs) if plain else None
+        _write_frame(self.write_fd, {"elapsed_ms": elapsed_ms, "checksum": digest, "plain": plain})
+        details = {"structure": [self.describe_output(out) for out in outputs],
+                   "flags_changed": self.changed_flags(), "extension_calls": self.ledger.calls - calls_before}
+        payload = b""
+        if msg.get("send_outputs") and plain:
+            sent = outputs + (self.inputs if msg.get("send_inputs") else [])
+            details["tensors"], payload = harness.tensors_to_payload(sent)
+            details["outputs"] = len(outputs)
+        _write_frame(self.write_fd, details, payload)
+
+    def describe_output(self, out) -> dict:
+        item = {"type": f"{_exact_type(out).__module__}.{_exact_type(out).__qualname__}",
+                "exact_tensor": _exact_type(out) is _tensor_type}
+        if not isinstance(out, torch.Tensor):
+            return item
+        item.update(dtype=str(out.dtype).removeprefix("torch."), shape=list(out.shape), device=str(out.device),
+                    layout=str(out.layout), shares_input_storage=self.shares_input_storage(out))
+        return item
+
+    def shares_input_storage(self, out: torch.Tensor) -> bool:
+        try:
+            start = out.untyped_storage().data_ptr()
+            end = start + out.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return False
+        for tensor in self.inputs:
+            storage = tensor.untyped_storage()
+            other = storage.data_ptr()
+            if start < other + storage.nbytes() and other < end:
+                return True
+        return False
+
+    def op_profile(self, msg: dict) -> None:
+        """One call under the profiler: which kernels ran and how long each took."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.clock.cuda else [])
+        calls_before = self.ledger.calls
+        with profile(activities=activities) as prof:
+            self.model(*self.inputs)
+            self.clock.synchronize()
+        kernels, operators = {}, {}
+        for event in prof.events():
+            if self.clock.cuda and event.device_type.name == "CUDA":
+                kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time
+            elif event.name.startswith("aten::") and event.cpu_parent is None:
+                operators[event.name] = operators.get(event.name, 0.0) + event.cpu_time_total
+        _write_frame(self.write_fd, {"kernels_us": kernels, "top_level_aten_us": operators,
+                                     "extension_calls": self.ledger.calls - calls_before})
+
+
+def main() -> None:
+    read_fd, write_fd = harness.channel_from_argv()
+    Runner(read_fd, write_fd).serve()
+
+
+if __name__ == "__main__":
+    main()

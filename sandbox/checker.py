@@ -1,0 +1,203 @@
+"""The reference/checker process: runs the task's reference, holds the expected outputs,
+and judges the outputs a candidate hands back. Nothing here is ever sent to a candidate.
+
+    python checker.py READ_FD,WRITE_FD
+
+Imports only the standard library and torch. Never imports evo.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import audit  # noqa: E402
+import ceilings  # noqa: E402
+import harness  # noqa: E402
+import numerics  # noqa: E402
+import wire  # noqa: E402
+
+
+class Checker:
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd, self.write_fd = read_fd, write_fd
+        self.trials: dict[int, dict] = {}  # seed -> inputs, reference outputs in fp32 and fp64
+        self.expected: dict[int, list] = {}  # seed -> reference outputs of timed calls, on the host
+        self.tolerance: dict | None = None  # widest tolerance the correctness trials used
+        self.inputs: list = []
+        self.last_outputs: list = []
+
+    def reply(self, header: dict, payload: bytes = b"") -> None:
+        wire.write_frame(self.write_fd, header, payload)
+
+    def serve(self) -> None:
+        while True:
+            try:
+                header, payload = wire.read_frame(self.read_fd)
+            except wire.ChannelClosed:
+                return
+            if header["op"] == "exit":
+                return
+            try:
+                getattr(self, "op_" + header["op"])(header, payload)
+            except harness.UserCodeError as err:
+                self.reply({"error": str(err), "user_error": True})
+            except Exception as err:
+                self.reply({"error": harness.describe_exception(err), "user_error": False})
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def op_init(self, msg: dict, _payload) -> None:
+        harness.forbid_tracing()
+        self.device = msg["device"]
+        self.policy = msg["policy"]
+        self.clock = harness.DeviceClock(self.device)
+        harness.pin_numeric_flags(self.policy["allow_reduced_precision"])
+        model_class, self.get_inputs, get_init_inputs = harness.load_task(msg["task"])
+        init_inputs = harness.make_init_inputs(get_init_inputs)
+        self.init_seed = int.from_bytes(os.urandom(7), "big")
+        harness.seed_everything(self.init_seed)
+        model = harness.call_user(lambda: model_class(*init_inputs), "Model(*get_init_inputs())")
+        self.models = {"eager": model.to(self.device)}
+        if msg.get("compile_baseline"):
+            self.models["compile"] = torch.compile(self.models["eager"])
+        self.model64 = self.make_float64_model()
+        self.generate_on_device = self.choose_generation()
+        probe_seed = int.from_bytes(os.urandom(7), "big")
+        inputs = harness.make_inputs(self.get_inputs, probe_seed, self.device, self.generate_on_device)
+        outputs = self.call_reference(inputs)
+        for position, out in enumerate(outputs):
+            if harness._exact_type(out) is not torch.Tensor:
+                raise harness.UserCodeError(
+                    f"the reference Model returned {type(out).__name__} at position {position}; outputs must be tensors")
+        flush_bytes = msg["flush_bytes"]
+        self.flusher = harness.CacheFlusher(self.device, flush_bytes)
+        measured = msg.get("ceilings") or ceilings.measure(self.device)
+        self.reply({
+            "init_seed": self.init_seed, "generate_on_device": self.generate_on_device,
+            "outputs": [harness.tensor_meta(out) for out in outputs],
+            "inputs": [harness.tensor_meta(tensor) for tensor in inputs],
+            "flops": ceilings.count_flops(self.models["eager"], inputs),
+            "float64_reference": self.model64 is not None,
+            "ceilings": measured, "facts": harness.device_facts(self.device),
+        })
+
+    def make_float64_model(self):
+        try:
+            return copy.deepcopy(self.models["eager"]).double()
+        except Exception:
+            return None
+
+    def choose_generation(self) -> bool:
+        """Generate inputs on the device when the task allows it (fast), else on the host."""
+        if not self.device.startswith("cuda"):
+            return False
+        try:
+            harness.make_inputs(self.get_inputs, 1, self.device, True)
+            return True
+        except harness.UserCodeError:
+            return False
+
+    def call_reference(self, inputs: list, model: str = "eager") -> list:
+        with torch.no_grad():
+            result = harness.call_user(self.models[model], "the reference Model.forward", *inputs)
+        return harness.as_output_list(result)
+
+    def float64_reference(self, inputs: list) -> list | None:
+        if self.model64 is None:
+            return None
+        wide = [t.double() if t.is_floating_point() else t for t in inputs]
+        try:
+            with torch.no_grad():
+                return [out.double() for out in harness.as_output_list(self.model64(*wide))]
+        except Exception:
+            self.model64 = None
+            return None
+
+    # ---- correctness trials ---------------------------------------------------------------
+
+    def op_prepare_trials(self, msg: dict, _payload) -> None:
+        for seed in msg["seeds"]:
+            inputs = harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device)
+            pristine = [t.detach().cpu().clone() for t in inputs]
+            reference = [out.detach().cpu() for out in self.call_reference(inputs)]
+            wide = self.float64_reference(inputs)
+            self.trials[seed] = {"inputs": pristine, "fp32": reference,
+                                 "fp64": [out.cpu() for out in wide] if wide is not None else None}
+        self.reply({"ok": True, "float64_reference": self.model64 is not None})
+
+    def op_compare_trial(self, msg: dict, payload) -> None:
+        trial = self.trials.pop(msg["seed"])
+        received = harness.payload_to_tensors(msg["tensors"], payload)
+        outputs, inputs_after = received[: msg["outputs"]], received[msg["outputs"]:]
+        checks = [numerics.check_binding(outputs, msg["checksum"])]
+        checks.append(numerics.check_output_meta(outputs, trial["fp32"]))
+        if checks[-1]["passed"]:
+            checks.append(numerics.check_written(outputs, trial["fp32"]))
+            verdict, tolerance = numerics.check_values(outputs, trial["fp32"], trial["fp64"], self.policy)
+            checks.append(verdict)
+            self.widen_tolerance(tolerance)
+        checks.append(numerics.check_inputs_unchanged(inputs_after, trial["inputs"]))
+        self.reply({"checks": checks})
+
+    def widen_tolerance(self, tolerance: dict | None) -> None:
+        if tolerance is None:
+            return
+        if self.tolerance is None:
+            self.tolerance = tolerance
+        else:
+            self.tolerance = {key: max(self.tolerance[key], tolerance[key]) for key in tolerance}
+
+    # ---- the reference as a timed subject, and the cache flush ---------------------------
+
+    def op_prepare(self, msg: dict, _payload) -> None:
+        self.inputs = harness.make_inputs(self.get_inputs, msg["seed"], self.device, self.generate_on_device)
+        self.clock.synchronize()
+        self.reply({"ready": True})
+
+    def op_flush(self, _msg, _payload) -> None:
+        self.flusher.flush()
+        self.reply({"flushed": True})
+
+    def op_run(self, msg: dict, _payload) -> None:
+        model = self.models[msg.get("model", "eager")]
+        with torch.no_grad():
+            result, elapsed_ms = self.clock.time_call(model, *self.inputs)
+        outputs = harness.as_output_list(result)
+        digest = harness.checksum(outputs)
+        self.reply({"elapsed_ms": elapsed_ms, "checksum": digest})
+        if msg.get("keep_expected"):
+            self.expected[msg["seed"]] = [out.detach().cpu() for out in outputs]
+
+    # ---- outputs of the candidate's timed calls ------------------------------------------
+
+    def op_compare_timed(self, msg: dict, payload) -> None:
+        outputs = harness.payload_to_tensors(msg["tensors"], payload)
+        expected = self.expected.pop(msg["seed"], None)
+        if expected is None:  # not kept (memory budget): recompute now, while nothing is timed
+            inputs = harness.make_inputs(self.get_inputs, msg["seed"], self.device, self.generate_on_device)
+            expected = [out.detach().cpu() for out in self.call_reference(inputs)]
+        checks = [numerics.check_binding(outputs, msg["checksum"]), numerics.check_output_meta(outputs, expected)]
+        if checks[-1]["passed"]:
+            checks.append(numerics.check_timed_values(outputs, expected, self.tolerance))
+        self.reply({"checks": checks})
+
+    def op_audit(self, msg: dict, _payload) -> None:
+        warnings = audit.audit_task(
+            lambda seed: harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device),
+            self.call_reference, msg["seeds"])
+        self.reply({"warnings": warnings})
+
+
+def main() -> None:
+    read_fd, write_fd = harness.channel_from_argv()
+    Checker(read_fd, write_fd).serve()
+
+
+if __name__ == "__main__":
+    main()

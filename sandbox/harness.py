@@ -1,0 +1,300 @@
+"""What the checker and the candidate runner share: loading files, making inputs,
+moving tensors as bytes, checksums, the global numeric flags, timing one call.
+
+Imports only the standard library and torch. Never imports evo.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+# Bound before any candidate code is imported, so that patching the module
+# attributes later does not change what the harness calls.
+_perf_counter = time.perf_counter
+_tensor_type = torch.Tensor
+_exact_type = type
+
+
+class UserCodeError(Exception):
+    """A task or candidate file could not be used; the message is one sentence for the user."""
+
+
+def forbid_tracing() -> None:
+    """Make this process unreadable through ptrace and /proc/PID/mem by other processes of the user."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_DUMPABLE = 4
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def import_file(path: str, module_name: str, what: str):
+    """Import a Python file by path; raise UserCodeError with one line on any failure."""
+    source_path = Path(path)
+    if not source_path.is_file():
+        raise UserCodeError(f"{what} file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(module_name, source_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise UserCodeError(
+            f"{what} file {path} has a syntax error at line {err.lineno}: {err.msg}; fix the file and run again"
+        ) from None
+    except Exception as err:  # user code can raise anything at import
+        raise UserCodeError(f"importing {what} file {path} raised {describe_exception(err)}") from None
+    return module
+
+
+def describe_exception(err: BaseException) -> str:
+    """'ValueError: bad shape (model.py, line 12)' from the innermost frame in user code."""
+    where = ""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if "site-packages" not in frame.filename and "/sandbox/" not in frame.filename:
+            where = f" ({Path(frame.filename).name}, line {frame.lineno})"
+            break
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(err).__name__}: {first[:300]}{where}"
+
+
+def load_task(path: str):
+    """The task's (Model, get_inputs, get_init_inputs), checked for presence."""
+    module = import_file(path, "evo_task", "task")
+    missing = [name for name in ("Model", "get_inputs", "get_init_inputs") if not hasattr(module, name)]
+    if missing:
+        raise UserCodeError(
+            f"task file {path} does not define {', '.join(missing)}; a task needs class Model, get_inputs() and get_init_inputs()"
+        )
+    if not (isinstance(module.Model, type) and issubclass(module.Model, torch.nn.Module)):
+        raise UserCodeError(f"task file {path}: Model is not a subclass of torch.nn.Module")
+    return module.Model, module.get_inputs, module.get_init_inputs
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def call_user(fn, what: str, *args):
+    try:
+        return fn(*args)
+    except UserCodeError:
+        raise
+    except Exception as err:
+        raise UserCodeError(f"{what} raised {describe_exception(err)}") from None
+
+
+def make_inputs(get_inputs, seed: int, device: str, generate_on_device: bool) -> list:
+    """The task's inputs for one seed, on the device; identical in every process for the same seed."""
+    seed_everything(seed)
+    if generate_on_device:
+        with torch.device(device):
+            inputs = call_user(get_inputs, "get_inputs()")
+    else:
+        inputs = call_user(get_inputs, "get_inputs()")
+    if not isinstance(inputs, (list, tuple)):
+        raise UserCodeError(f"get_inputs() returned {type(inputs).__name__}; it must return a list of tensors")
+    for position, value in enumerate(inputs):
+        if _exact_type(value) is not _tensor_type:
+            raise UserCodeError(
+                f"get_inputs() element {position} is {type(value).__name__}; every input must be a torch.Tensor"
+            )
+    return [value.to(device) for value in inputs]
+
+
+def make_init_inputs(get_init_inputs) -> list:
+    init = call_user(get_init_inputs, "get_init_inputs()")
+    if not isinstance(init, (list, tuple)):
+        raise UserCodeError(f"get_init_inputs() returned {type(init).__name__}; it must return a list")
+    return list(init)
+
+
+def as_output_list(result) -> list:
+    """A forward's result as a list (a single tensor becomes a list of one)."""
+    if isinstance(result, (list, tuple)):
+        return list(result)
+    return [result]
+
+
+# ---- numeric flags -------------------------------------------------------------------------
+
+def pin_numeric_flags(allow_reduced_precision: bool) -> dict:
+    """Set the global flags that decide precision; return them as pinned."""
+    torch.backends.cuda.matmul.allow_tf32 = allow_reduced_precision
+    torch.backends.cudnn.allow_tf32 = allow_reduced_precision
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = allow_reduced_precision
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = allow_reduced_precision
+    torch.set_float32_matmul_precision("high" if allow_reduced_precision else "highest")
+    torch.backends.cudnn.benchmark = False
+    torch.set_flush_denormal(False)
+    return read_numeric_flags()
+
+
+def read_numeric_flags() -> dict:
+    return {
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction":
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction":
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
+        "torch.backends.cudnn.benchmark": torch.backends.cudnn.benchmark,
+    }
+
+
+# ---- tensors as bytes ----------------------------------------------------------------------
+
+def tensor_meta(tensor: torch.Tensor) -> dict:
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+            "nbytes": tensor.numel() * tensor.element_size()}
+
+
+def tensors_to_payload(tensors: list) -> tuple[list, bytes]:
+    """Metadata and concatenated raw bytes of tensors (copied to the host)."""
+    metas, chunks = [], []
+    for tensor in tensors:
+        host = tensor.detach().contiguous().cpu()
+        metas.append(tensor_meta(host))
+        chunks.append(host.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return metas, b"".join(chunks)
+
+
+def payload_to_tensors(metas: list, payload: bytes | bytearray) -> list:
+    tensors, offset = [], 0
+    for meta in metas:
+        nbytes = int(meta["nbytes"])
+        dtype = getattr(torch, meta["dtype"])
+        raw = torch.frombuffer(bytearray(payload[offset: offset + nbytes]), dtype=torch.uint8) if nbytes else \
+            torch.empty(0, dtype=torch.uint8)
+        tensors.append(raw.view(dtype).reshape(meta["shape"]))
+        offset += nbytes
+    if offset != len(payload):
+        raise ValueError(f"payload has {len(payload)} bytes, metadata describes {offset}")
+    return tensors
+
+
+def checksum(tensors: list) -> int:
+    """Order-independent exact sum of the tensors' bytes, as 32-bit words, modulo 2**63.
+
+    Computed where the tensors live, so that a value reported at the end of a timed call
+    binds the bytes delivered afterwards.
+    """
+    total = 0
+    for tensor in tensors:
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        whole = flat.numel() // 4 * 4
+        words = flat[:whole].view(torch.int32).to(torch.int64).sum().item() if whole else 0
+        tail = flat[whole:].to(torch.int64).sum().item() if whole < flat.numel() else 0
+        total = (total + words + tail) % (2**63)
+    return total
+
+
+# ---- devices -------------------------------------------------------------------------------
+
+class DeviceClock:
+    """Timing of one call: CUDA events closed after a whole-device synchronize, or the host clock."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            self._synchronize = torch.cuda.synchronize
+            self._event = torch.cuda.Event
+            self._elapsed = torch.cuda.Event.elapsed_time
+            self._record = torch.cuda.Event.record
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            self._synchronize()
+
+    def time_call(self, fn, *args):
+        """(result, milliseconds); the whole device is synchronized before the clock stops."""
+        if not self.cuda:
+            start = _perf_counter()
+            result = fn(*args)
+            return result, (_perf_counter() - start) * 1e3
+        begin, end = self._event(enable_timing=True), self._event(enable_timing=True)
+        self._synchronize()
+        self._record(begin)
+        result = fn(*args)
+        self._synchronize()
+        self._record(end)
+        self._synchronize()
+        return result, self._elapsed(begin, end)
+
+
+class CacheFlusher:
+    """Evicts the last-level cache (GPU L2, or CPU LLC) by writing a buffer larger than it."""
+
+    def __init__(self, device: str, nbytes: int):
+        self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+        self.clock = DeviceClock(device)
+        self.counter = 0
+
+    def flush(self) -> None:
+        self.counter += 1
+        self.buffer.fill_(self.counter)
+        self.clock.synchronize()
+
+
+def poison_allocator(device: str, sizes: list[int], fill_float: float = float("nan")) -> None:
+    """Leave freed blocks of the given sizes, filled with NaN, in the allocator's cache.
+
+    The next allocations of those sizes (a candidate's torch.empty outputs) then start NaN,
+    so unwritten memory shows instead of holding whatever was there.
+    """
+    blocks = []
+    for nbytes in sizes:
+        for _ in range(2):
+            block = torch.empty(max(nbytes, 4) // 4 + 1, dtype=torch.float32, device=device)
+            block.fill_(fill_float)
+            blocks.append(block)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    del blocks
+
+
+def device_facts(device: str) -> dict:
+    facts = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+             "device": device}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        facts.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
+                     sm_count=props.multi_processor_count, memory_bytes=props.total_memory,
+                     l2_bytes=getattr(props, "L2_cache_size", None))
+    facts["cpu"] = cpu_name()
+    return facts
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def channel_from_argv() -> tuple[int, int]:
+    """The (read, write) file descriptors of the message channel, named in argv[1]."""
+    read_fd, write_fd = (int(part) for part in sys.argv[1].split(","))
+    return read_fd, write_fd

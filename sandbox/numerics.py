@@ -1,0 +1,174 @@
+"""Judging outputs: the checks the checker applies to what a candidate hands back.
+
+Each check is a dict {name, passed, detail}; the detail is written for the user.
+Imports only the standard library and torch. Never imports evo.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import harness
+
+# How many times the fp32 reference's own error an honest fp32 candidate may reach:
+# another summation order or another exp implementation lands within a few times of it.
+ERROR_FACTOR = 16.0
+# How many machine epsilons of the output dtype are always tolerated, relative to the output's scale.
+EPSILON_FLOOR = 8.0
+# What reduced precision (TF32, bf16 operands, fast math) is allowed to reach when the user permits it.
+REDUCED_PRECISION_ERROR = 2e-2
+
+
+def result(name: str, passed: bool, detail: str) -> dict:
+    return {"name": name, "passed": bool(passed), "detail": detail}
+
+
+def index_text(flat_index: int, shape) -> str:
+    coords = []
+    for size in reversed(list(shape)):
+        coords.append(flat_index % size if size else 0)
+        flat_index //= max(size, 1)
+    return "[" + ", ".join(str(c) for c in reversed(coords)) + "]"
+
+
+def check_binding(outputs: list, reported_checksum) -> dict:
+    actual = harness.checksum(outputs)
+    if reported_checksum is None or actual != reported_checksum:
+        return result("output_binding", False,
+                      "the output handed back after the call differs from the output at the moment the call "
+                      "reported completion: the candidate kept working after its timer stopped")
+    return result("output_binding", True, "the output delivered is the output present when the call completed")
+
+
+def check_output_meta(outputs: list, expected: list) -> dict:
+    if len(outputs) != len(expected):
+        return result("output_shape", False, f"the candidate returned {len(outputs)} outputs, the reference {len(expected)}")
+    for position, (out, ref) in enumerate(zip(outputs, expected)):
+        if out.dtype != ref.dtype:
+            return result("output_shape", False,
+                          f"output {position} has dtype {str(out.dtype)[6:]}, the reference's is {str(ref.dtype)[6:]}")
+        if tuple(out.shape) != tuple(ref.shape):
+            return result("output_shape", False,
+                          f"output {position} has shape {tuple(out.shape)}, the reference's is {tuple(ref.shape)}")
+    return result("output_shape", True, "every output has the reference's shape and dtype")
+
+
+def check_written(outputs: list, expected: list) -> dict:
+    """Outputs were poisoned before the call: a NaN where the reference is finite was never written."""
+    for position, (out, ref) in enumerate(zip(outputs, expected)):
+        if not out.is_floating_point():
+            continue
+        unwritten = torch.isnan(out) & torch.isfinite(ref.to(out.dtype))
+        if unwritten.any():
+            first = int(unwritten.reshape(-1).nonzero()[0])
+            count = int(unwritten.sum())
+            return result("output_written", False,
+                          f"output {position} element {index_text(first, out.shape)} is NaN where the reference is finite "
+                          f"({count} of {out.numel()} elements): the candidate did not write it (memory is pre-filled with NaN)")
+    return result("output_written", True, "every output element was written")
+
+
+def relative_errors(value: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, int]:
+    """(relative L2 error, largest error relative to the largest magnitude, where it is) over finite truth."""
+    truth = truth.double()
+    diff = (value.double() - truth)
+    finite = torch.isfinite(truth)
+    diff = torch.where(finite, diff, torch.zeros_like(diff))
+    scale_l2 = float(torch.linalg.vector_norm(torch.where(finite, truth, torch.zeros_like(truth))))
+    scale_max = float(torch.where(finite, truth.abs(), torch.zeros_like(truth)).max()) if truth.numel() else 0.0
+    tiny = 1e-30
+    worst = int(diff.abs().reshape(-1).argmax()) if diff.numel() else 0
+    return (float(torch.linalg.vector_norm(diff)) / max(scale_l2, tiny),
+            float(diff.abs().max()) / max(scale_max, tiny) if diff.numel() else 0.0, worst)
+
+
+def nonfinite_mismatch(value: torch.Tensor, truth: torch.Tensor) -> int | None:
+    """Flat index of the first element whose finiteness differs from the reference's, if any."""
+    truth_nonfinite = ~torch.isfinite(truth)
+    value_nonfinite = ~torch.isfinite(value)
+    mismatch = truth_nonfinite != value_nonfinite
+    if mismatch.any():
+        return int(mismatch.reshape(-1).nonzero()[0])
+    return None
+
+
+def tolerance_for(ref32: torch.Tensor, ref64: torch.Tensor | None, policy: dict) -> dict:
+    """The error an honest candidate may reach on this output, from the fp32 reference's own error."""
+    floor = EPSILON_FLOOR * torch.finfo(ref32.dtype).eps
+    if ref64 is None:
+        base_l2 = base_max = floor
+    else:
+        base_l2, base_max, _ = relative_errors(ref32, ref64)
+    tolerance = {"l2": max(ERROR_FACTOR * base_l2, floor), "max": max(ERROR_FACTOR * base_max, floor)}
+    if policy.get("allow_reduced_precision"):
+        tolerance = {key: max(value, REDUCED_PRECISION_ERROR) for key, value in tolerance.items()}
+    if policy.get("tolerance") is not None:
+        tolerance = {key: float(policy["tolerance"]) for key in tolerance}
+    return tolerance
+
+
+def check_values(outputs: list, ref32: list, ref64: list | None, policy: dict) -> tuple[dict, dict | None]:
+    """Compare with the float64 reference; the bound is what the fp32 reference itself achieves."""
+    widest = None
+    against = "the float64 reference" if ref64 is not None else "the fp32 reference (no float64 reference could run)"
+    for position, out in enumerate(outputs):
+        ref = ref32[position]
+        truth = ref64[position] if ref64 is not None else ref
+        if not out.is_floating_point():
+            if not torch.equal(out, ref):
+                first = int((out != ref).reshape(-1).nonzero()[0])
+                return result("values", False, f"output {position} differs from the reference at "
+                              f"{index_text(first, out.shape)}: got {out.reshape(-1)[first].item()}, "
+                              f"expected {ref.reshape(-1)[first].item()}"), None
+            continue
+        bad = nonfinite_mismatch(out, truth)
+        if bad is not None:
+            return result("values", False, f"output {position} element {index_text(bad, out.shape)} is "
+                          f"{out.reshape(-1)[bad].item()} where {against} has {truth.reshape(-1)[bad].item()}"), None
+        tolerance = tolerance_for(ref, ref64[position] if ref64 is not None else None, policy)
+        l2, worst_rel, worst = relative_errors(out, truth)
+        if l2 > tolerance["l2"] or worst_rel > tolerance["max"]:
+            measure = (f"relative L2 error {l2:.2e} (allowed {tolerance['l2']:.2e})" if l2 > tolerance["l2"]
+                       else f"largest error {worst_rel:.2e} of the output's scale (allowed {tolerance['max']:.2e})")
+            hint = "" if policy.get("allow_reduced_precision") else \
+                "; reduced precision (TF32, bf16, fast math) is off unless --allow-reduced-precision is given"
+            return result("values", False,
+                          f"output {position} is wrong: {measure} against {against}; largest error at "
+                          f"{index_text(worst, out.shape)}: got {out.reshape(-1)[worst].item():.6g}, expected "
+                          f"{truth.reshape(-1)[worst].item():.6g}{hint}"), None
+        widest = tolerance if widest is None else {k: max(widest[k], tolerance[k]) for k in tolerance}
+    return result("values", True, f"outputs match {against} within what fp32 code achieves on this task"), widest
+
+
+def check_timed_values(outputs: list, expected32: list, tolerance: dict | None) -> dict:
+    """A timed call's outputs against the fp32 reference of the same inputs.
+
+    The bound is twice the trial tolerance: the fp32 reference is itself within a
+    sixteenth of it from the float64 truth.
+    """
+    for position, (out, ref) in enumerate(zip(outputs, expected32)):
+        if not out.is_floating_point():
+            if not torch.equal(out, ref):
+                return result("timed_outputs", False, f"output {position} of a timed call differs from the reference")
+            continue
+        if nonfinite_mismatch(out, ref) is not None:
+            return result("timed_outputs", False, f"output {position} of a timed call has NaN or Inf where the "
+                          "reference does not (unwritten or stale memory during timing)")
+        limit = 2 * (tolerance or {"l2": EPSILON_FLOOR * torch.finfo(ref.dtype).eps})["l2"]
+        l2, _, worst = relative_errors(out, ref)
+        if l2 > limit:
+            return result("timed_outputs", False,
+                          f"output {position} of a timed call is wrong (relative L2 error {l2:.2e}, allowed {limit:.2e}): "
+                          "the candidate computed a different result while it was being timed")
+    return result("timed_outputs", True, "the outputs of every timed call are correct")
+
+
+def check_inputs_unchanged(after: list, before: list) -> dict:
+    for position, (now, then) in enumerate(zip(after, before)):
+        if now.shape != then.shape or now.dtype != then.dtype or not torch.equal(
+                now.reshape(-1).view(torch.uint8) if now.numel() else now,
+                then.reshape(-1).view(torch.uint8) if then.numel() else then):
+            changed = "its shape or dtype" if now.shape != then.shape or now.dtype != then.dtype else "its contents"
+            return result("inputs_unchanged", False,
+                          f"input {position} was modified by the call ({changed} changed); a kernel must not write its inputs")
+    return result("inputs_unchanged", True, "no input was modified by the call")

@@ -1,0 +1,68 @@
+"""Shared fixtures: run the evaluator in this process, as evo's search loop will."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from evo.config import VerifyPolicy
+from evo.evaluator import verify
+from evo.verdict import Verdict
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ROOT / "tests" / "tasks"
+EXAMPLE_TASKS = ROOT / "examples" / "tasks"
+CPU_CANDIDATES = ROOT / "tests" / "candidates" / "cpu"
+CUDA_CANDIDATES = ROOT / "tests" / "candidates" / "cuda"
+
+
+def gpu_present() -> bool:
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+HAS_GPU = gpu_present()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One build cache for the session, so identical extensions are compiled once."""
+    shared = os.environ.get("EVO_TEST_CACHE_DIR")
+    if shared:
+        path = Path(shared)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("evo-cache")
+
+
+@pytest.fixture
+def run_verify(cache_dir):
+    """verify(task, candidate, **policy) -> Verdict, with a fast timing budget for tests."""
+
+    def run(task: Path, candidate: Path, **policy) -> Verdict:
+        policy.setdefault("timing_budget_s", 0.3)
+        policy.setdefault("max_timed_calls", 50)
+        return verify(Path(task), Path(candidate), VerifyPolicy(**policy), cache_dir=cache_dir)
+
+    return run
+
+
+def failed_names(verdict: Verdict) -> list[str]:
+    return [check.name for check in verdict.failed()]
