@@ -41,6 +41,12 @@ class Device:
         return f"sm{self.arch.replace('.', '')}" if self.arch else "cpu"
 
     @property
+    def max_window(self) -> int:
+        """Calls per timed window. On a CPU, a flush inside the window competes with the
+        candidate's own threads for the same cores, so each call gets a window of its own."""
+        return 32 if self.kind == "cuda" else 1
+
+    @property
     def flush_bytes(self) -> int:
         return GPU_FLUSH_BYTES if self.kind == "cuda" else CPU_FLUSH_BYTES
 
@@ -99,7 +105,7 @@ def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, 
                CUDA_VISIBLE_DEVICES=device.visible, TRITON_CACHE_DIR=str(home / "triton"),
                TORCHINDUCTOR_CACHE_DIR=str(home / "inductor"), CUPY_CACHE_DIR=str(home / "cupy"),
                NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-               # Spinning OpenMP workers would steal the cores the parent's clock and the checker need.
+               # Workers spinning after a parallel region would take the cores the parent's clock needs.
                OMP_WAIT_POLICY="PASSIVE")
     if device.arch:
         env["TORCH_CUDA_ARCH_LIST"] = device.arch

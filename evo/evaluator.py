@@ -15,12 +15,15 @@ from evo import devices, isolation, judgement
 from evo.config import VerifyPolicy
 from evo.judgement import Judgement, Rejected
 from evo.sandbox_runner import Limits, SandboxFailure, SandboxProcess
-from evo.timing import SubjectError, expect, time_candidate, time_reference, timed_call_count, warm_up
+from evo.timing import SubjectError, expect, plan, time_candidate, time_reference, warm_up
 from evo.verdict import Isolation, TaskAudit, Timings, Verdict
 
 
 class EvaluatorError(Exception):
     """The evaluation could not run (bad input, or the evaluator itself failed)."""
+
+
+WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 
 
 def new_seeds(count: int) -> list[int]:
@@ -42,6 +45,7 @@ class Evaluation:
         self.processes: list[SandboxProcess] = []
         self.facts: dict = {}
         self.warnings: list[str] = []
+        self.extension_calls = 0  # calls into the candidate's compiled extensions, seen in one call
 
     # ---- the whole run --------------------------------------------------------------------
 
@@ -51,8 +55,10 @@ class Evaluation:
         try:
             self.build()
             self.start_processes()
+            self.time_reference()
+            self.load_candidate()
             self.correctness()
-            self.timing()
+            self.time_candidate()
             self.which_kernels()
             outcome = None
         except Rejected:
@@ -113,28 +119,59 @@ class Evaluation:
         return path
 
     def start_processes(self) -> None:
+        """Start the checker, the flusher and the candidate process at once (their start-ups overlap);
+        the candidate process only imports torch until it is told to load the candidate."""
         started = time.monotonic()
-        # Both start at once: their interpreter and torch start-up overlap.
         self.checker = self.sandbox("checker.py", "reference checker", {})
+        self.flusher = self.sandbox("flusher.py", "cache flusher", {})
         self.runner = self.sandbox("candidate.py", "candidate process", {})
-        reply = self.task_facts = self.init_checker()
-        self.runner.send({"op": "load", "candidate": str(self.candidate), "task": str(self.task),
-                          "device": self.device.torch_name, "init_seed": reply["init_seed"],
-                          "allow_reduced_precision": self.policy.allow_reduced_precision,
-                          "extensions_dir": str(self.extensions_dir()),
-                          "generate_on_device": reply["generate_on_device"],
-                          "poison_sizes": [meta["nbytes"] for meta in reply["outputs"]]})
-        # While the candidate imports (and maybe compiles), the checker prepares the trials and audits the task.
+        self.task_facts = self.init_checker()
+        self.flusher.request({"op": "init", "device": self.device.torch_name, "flush_bytes": self.device.flush_bytes},
+                             timeout=self.policy.load_timeout_s)
         self.trial_seeds = new_seeds(self.policy.trials)
         expect(self.checker.request({"op": "prepare_trials", "seeds": self.trial_seeds},
                                     timeout=self.policy.load_timeout_s)[0], "the reference")
-        if not reply["float64_reference"]:
+        if not self.task_facts["float64_reference"]:
             self.warnings.append("no float64 reference could run for this task: outputs are compared with the fp32 reference")
         if self.policy.audit_task:
             audit, _ = self.checker.request({"op": "audit", "seeds": new_seeds(3)}, timeout=self.policy.load_timeout_s)
             self.warnings.extend(audit.get("warnings", []))
-        loaded, _ = self.runner.receive(self.policy.load_timeout_s)
-        self.timings.correctness_s = time.monotonic() - started
+        self.timings.correctness_s += time.monotonic() - started
+
+    def time_reference(self) -> None:
+        """Time the reference before any candidate code is imported, so nothing a candidate does
+        (a background GPU hog, say) can slow the baseline it is compared with."""
+        started = time.monotonic()
+        policy, timeout = self.policy, self.policy.call_timeout_s
+        self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
+        try:
+            warm = warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
+            self.plan = plan(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls,
+                             self.device.max_window)
+            out_bytes = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
+            keep = self.plan.window * self.plan.windows * out_bytes <= policy.expected_memory_bytes
+            self.timed_seeds = self.plan.seeds(new_seeds)
+            self.reference = time_reference(self.checker, self.flusher, self.timed_seeds, "eager", keep, timeout)
+            self.timings.reference_eager = self.reference.stats()
+            if policy.compile_baseline:
+                warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
+                        policy.load_timeout_s, False)
+                self.timings.reference_compile = time_reference(self.checker, self.flusher, self.plan.seeds(new_seeds),
+                                                                "compile", False, timeout).stats()
+        except SubjectError as err:
+            raise EvaluatorError(f"timing the reference failed: {err}") from None
+        self.timings.timing_s += time.monotonic() - started
+
+    def load_candidate(self) -> None:
+        started = time.monotonic()
+        facts = self.task_facts
+        loaded, _ = self.runner.request({
+            "op": "load", "candidate": str(self.candidate), "task": str(self.task), "device": self.device.torch_name,
+            "init_seed": facts["init_seed"], "allow_reduced_precision": self.policy.allow_reduced_precision,
+            "extensions_dir": str(self.extensions_dir()), "generate_on_device": facts["generate_on_device"],
+            "flush_bytes": self.device.flush_bytes,
+            "poison_sizes": [meta["nbytes"] for meta in facts["outputs"]]}, timeout=self.policy.load_timeout_s)
+        self.timings.correctness_s += time.monotonic() - started
         if "error" in loaded:
             self.judgement.reject("load", loaded["error"])
         self.judgement.passed("load", "ModelNew imported and constructed")
@@ -159,17 +196,23 @@ class Evaluation:
             where = f"trial {number} of {len(self.trial_seeds)}"
             reply = self.run_candidate(seed, {"op": "run", "send_outputs": True, "send_inputs": True}, where)
             details, payload = self.runner.receive(self.policy.call_timeout_s)
-            self.judgement.structure(details["structure"], reply, self.device.torch_name, where)
-            self.judgement.flags(details["flags_changed"], f"in {where}")
-            self.extension_calls = details["extension_calls"]
+            self.judge_details(details, reply, where)
+            self.extension_calls = max(self.extension_calls, details["extension_calls"])
             verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed, "tensors": details["tensors"],
                                                "outputs": details["outputs"], "checksum": reply["checksum"]},
                                               payload, timeout=self.policy.call_timeout_s)
             self.judgement.record_all(expect(verdict, "comparing outputs")["checks"], where)
         self.timings.correctness_s += time.monotonic() - started
 
+    def judge_details(self, details: dict, reply: dict, where: str) -> None:
+        """What the candidate process said of its outputs and of the global flags after a call."""
+        if "error" in details:
+            self.judgement.reject("runs", f"{where}: describing the outputs raised {details['error']}")
+        self.judgement.structure(details["structure"], reply, self.device.torch_name, where)
+        self.judgement.flags(details["flags_changed"], f"in {where}")
+
     def run_candidate(self, seed: int, message: dict, where: str) -> dict:
-        prepared, _ = self.runner.request({"op": "prepare", "seed": seed}, timeout=self.policy.call_timeout_s)
+        prepared, _ = self.runner.request({"op": "prepare", "seeds": [seed]}, timeout=self.policy.call_timeout_s)
         if "error" in prepared:
             raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
         reply, _ = self.runner.request(message, timeout=self.policy.call_timeout_s)
@@ -177,33 +220,22 @@ class Evaluation:
             self.judgement.reject("runs", f"{where}: ModelNew.forward raised {reply['error']}")
         return reply
 
-    def timing(self) -> None:
+    def time_candidate(self) -> None:
         started = time.monotonic()
-        policy, timeout = self.policy, self.policy.call_timeout_s
+        policy = self.policy
+        self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
-            warm = warm_up(self.checker, self.checker, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
-            calls = timed_call_count(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls)
-            out_bytes = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
-            keep = calls * out_bytes <= policy.expected_memory_bytes
-            seeds = new_seeds(calls)
-            reference = time_reference(self.checker, seeds, "eager", keep, timeout)
-            self.timings.reference_eager = reference.stats()
-            if policy.compile_baseline:
-                warm_up(self.checker, self.checker, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
-                        policy.load_timeout_s, False)
-                self.timings.reference_compile = time_reference(self.checker, new_seeds(calls), "compile", False,
-                                                                timeout).stats()
-        except SubjectError as err:
-            raise EvaluatorError(f"timing the reference failed: {err}") from None
-        try:
-            warm_up(self.runner, self.checker, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True)
-            candidate = time_candidate(self.runner, self.checker, seeds, timeout,
-                                       lambda checks: self.judgement.record_all(checks, "a timed call", stop=True))
+            warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True)
+            candidate = time_candidate(self.runner, self.checker, self.flusher, self.timed_seeds, policy.call_timeout_s,
+                                       lambda checks: self.judgement.record_all(checks, "a timed call"),
+                                       lambda details, reply: self.judge_details(details, reply, "a timed call"))
         except SubjectError as err:
             self.judgement.reject("runs", f"during timing: {err}")
+        candidate.dump("candidate")
+        self.reference.dump("reference")
         self.timings.candidate = candidate.stats()
-        self.timings.timing_s = time.monotonic() - started
-        self.judgement.timed(reference, candidate, self.timings, self.task_facts, self.device,
+        self.timings.timing_s += time.monotonic() - started
+        self.judgement.timed(self.reference, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
 
     def which_kernels(self) -> None:

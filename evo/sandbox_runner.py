@@ -22,6 +22,7 @@ from evo.sandbox import wire
 
 SANDBOX_DIR = Path(wire.__file__).resolve().parent
 OUTPUT_KEEP = 32 * 1024  # bytes of the child's stdout/stderr kept, head and tail each
+MEMORY_CHECK_INTERVAL_S = 0.2
 
 
 class SandboxFailure(Exception):
@@ -71,6 +72,9 @@ class SandboxProcess:
         self.stdout, self.stderr = CappedOutput(), CappedOutput()
         self.parser = wire.FrameParser()
         self.frames: list[tuple[dict, bytearray]] = []
+        self.arrivals: list[float] = []  # perf_counter when each frame's read began
+        self.last_arrival = 0.0
+        self.next_memory_check = 0.0
 
     def start(self) -> "SandboxProcess":
         child_read, parent_write = os.pipe()
@@ -106,27 +110,28 @@ class SandboxProcess:
     def send(self, header: dict, payload: bytes | memoryview = b"", timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         pending = [memoryview(part).cast("B") for part in wire.encode(header, payload)]
-        self.selector.register(self.to_child, selectors.EVENT_WRITE, "write")
-        try:
-            while pending:
-                self._pump(deadline, f"sending {header.get('op')}")
-                while pending:
-                    try:
-                        written = os.write(self.to_child, pending[0])
-                    except BlockingIOError:
-                        break
-                    except BrokenPipeError:
-                        self._raise_ended()
-                    pending[0] = pending[0][written:]
-                    if not pending[0]:
-                        pending.pop(0)
-        finally:
-            self.selector.unregister(self.to_child)
+        while pending:
+            try:
+                written = os.write(self.to_child, pending[0])
+            except BlockingIOError:  # the pipe is full: wait, draining the child's output meanwhile
+                self.selector.register(self.to_child, selectors.EVENT_WRITE, "write")
+                try:
+                    self._pump(deadline, f"sending {header.get('op')}")
+                finally:
+                    self.selector.unregister(self.to_child)
+                continue
+            except BrokenPipeError:
+                self._raise_ended()
+            pending[0] = pending[0][written:]
+            if not pending[0]:
+                pending.pop(0)
 
     def receive(self, timeout: float = 60.0) -> tuple[dict, bytearray]:
+        """The next frame; `last_arrival` is the perf_counter time its first bytes were read."""
         deadline = time.monotonic() + timeout
         while not self.frames:
             self._pump(deadline, "waiting for a reply")
+        self.last_arrival = self.arrivals.pop(0)
         return self.frames.pop(0)
 
     def _pump(self, deadline: float, doing: str) -> None:
@@ -138,6 +143,7 @@ class SandboxProcess:
         for key, _ in self.selector.select(min(remaining, 0.25)):
             if key.data == "write":
                 continue
+            read_at = time.perf_counter()
             try:
                 data = os.read(key.fd, 1 << 20)
             except BlockingIOError:
@@ -148,8 +154,14 @@ class SandboxProcess:
                     self._raise_ended()
                 continue
             if key.data == "frames":
+                if self.parser.idle():
+                    self.read_started = read_at
                 try:
-                    self.frames.extend(self.parser.feed(data))
+                    parsed = self.parser.feed(data)
+                    self.frames.extend(parsed)
+                    self.arrivals.extend([self.read_started] * len(parsed))
+                    if parsed and not self.parser.idle():
+                        self.read_started = read_at
                 except ValueError as err:
                     self.kill()
                     raise SandboxFailure("protocol", f"the {self.label} broke the message protocol ({err})") from None
@@ -158,6 +170,11 @@ class SandboxProcess:
         self._check_memory()
 
     def _check_memory(self) -> None:
+        """At most a few times a second: walking /proc costs more than a short call."""
+        now = time.monotonic()
+        if now < self.next_memory_check:
+            return
+        self.next_memory_check = now + MEMORY_CHECK_INTERVAL_S
         resident = tree_resident_bytes(self.proc.pid)
         if resident > self.limits.memory_bytes:
             self.kill()

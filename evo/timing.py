@@ -1,28 +1,40 @@
 """The timing protocol, driven from the parent, and the statistics of its samples.
 
-Per call: the subject makes fresh inputs from a seed it learns only now; the checker (a
-trusted process on the same device) flushes the cache; the parent starts its own clock and
-tells the subject to run; the subject replies with its event time and a checksum of its
-outputs as they were when its clock stopped; the parent stops its clock. The outputs follow
-and are judged by the checker. The reference is timed by the same protocol, so that its
-overhead outside the event window calibrates the candidate's.
+Calls are timed in windows of K. Before a window the subject makes K fresh input sets from
+seeds it learns only now, and the trusted flusher process evicts the device cache, so every
+call reads inputs that nothing has touched since. The parent starts its clock and tells the
+subject to run; the subject times each call with device events closed after a whole-device
+synchronize, and replies with its times and a checksum of all outputs as they were when its
+last clock stopped. The parent stops its clock at that reply. The outputs follow and the
+checker judges every one of them.
+
+The reference is timed by the same protocol, so the time it leaves outside its event windows
+calibrates the candidate's: a candidate whose timer under-reports, or whose work runs after
+its clock stops, leaves more time unaccounted. Windows amortize the protocol's own jitter
+(the message round trip, the switch of GPU context after the flush) over K calls.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from evo.sandbox_runner import SandboxProcess, SandboxFailure
+from evo.sandbox_runner import SandboxProcess
 from evo.verdict import Check, TimingStats
 
-# The candidate's time outside its event window may exceed the reference's by this factor
-# plus OVERHEAD_SLACK_MS (plus a fraction of the call) before its timer is disbelieved.
-OVERHEAD_FACTOR = 1.5
+# A window should hold about this much of the reference's work, so that the protocol's own
+# jitter is small against it; but never more than MAX_WINDOW calls.
+WINDOW_TARGET_MS = 2.0
+MAX_WINDOW = 32
+# Unaccounted time per window may differ from the reference's by this much before the
+# candidate's timer is disbelieved (measured jitter on an H200 is a few hundredths of a ms).
 OVERHEAD_SLACK_MS = 0.05
-OVERHEAD_SLACK_FRACTION = 0.05
+OVERHEAD_SLACK_FRACTION = 0.1  # of the reference's unaccounted time per window
 
 
 class SubjectError(Exception):
@@ -31,19 +43,55 @@ class SubjectError(Exception):
 
 @dataclass
 class Samples:
-    event_ms: list[float] = field(default_factory=list)  # what the subject's own timer reported
-    wall_ms: list[float] = field(default_factory=list)  # what the parent's clock saw around the same call
+    event_ms: list[float] = field(default_factory=list)  # each call, as the subject's timer reported it
+    window_wall_ms: list[float] = field(default_factory=list)  # each window, as the parent's clock saw it
+    window_event_ms: list[float] = field(default_factory=list)  # each window, the sum of its calls' times
+
+    def add_window(self, elapsed: list[float], wall_ms: float) -> None:
+        self.event_ms.extend(elapsed)
+        self.window_wall_ms.append(wall_ms)
+        self.window_event_ms.append(sum(elapsed))
+
+    def dump(self, label: str) -> None:
+        """Per-window figures, for studying the protocol's jitter (EVO_TIMING_DUMP=FILE)."""
+        path = os.environ.get("EVO_TIMING_DUMP")
+        if path:
+            with open(path, "a") as sink:
+                sink.write(json.dumps({"subject": label, "wall_ms": self.window_wall_ms,
+                                       "event_ms": self.window_event_ms, "calls": self.event_ms}) + "\n")
 
     def stats(self) -> TimingStats:
         ordered = sorted(self.event_ms)
         quartiles = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
+        calls = len(ordered)
         return TimingStats(median_ms=statistics.median(ordered), iqr_ms=quartiles[2] - quartiles[0],
-                           min_ms=ordered[0], mean_ms=statistics.fmean(ordered), calls=len(ordered),
-                           wall_median_ms=statistics.median(self.wall_ms))
+                           min_ms=ordered[0], mean_ms=statistics.fmean(ordered), calls=calls,
+                           wall_median_ms=statistics.median(w / (calls / len(self.window_wall_ms))
+                                                            for w in self.window_wall_ms))
 
     def overhead_ms(self) -> float:
-        """Median time the parent saw outside the subject's event window."""
-        return statistics.median(w - e for w, e in zip(self.wall_ms, self.event_ms))
+        """Time per window that the parent saw outside the subject's event windows: the lower
+        quartile, since an under-reporting timer shifts every window while the protocol's own
+        jitter (a context switch, a page fault) only adds outliers."""
+        unaccounted = sorted(w - e for w, e in zip(self.window_wall_ms, self.window_event_ms))
+        return unaccounted[len(unaccounted) // 4]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many timed calls, in windows of how many: decided from the reference alone."""
+
+    window: int
+    windows: int
+
+    def seeds(self, new_seeds: Callable[[int], list[int]]) -> list[list[int]]:
+        return [new_seeds(self.window) for _ in range(self.windows)]
+
+
+def plan(reference_ms: float, budget_s: float, lowest: int, highest: int, max_window: int = MAX_WINDOW) -> Plan:
+    calls = max(lowest, min(highest, int(budget_s * 1e3 / max(reference_ms, 1e-4))))
+    window = max(1, min(max_window, calls, math.ceil(WINDOW_TARGET_MS / max(reference_ms, 1e-4))))
+    return Plan(window=window, windows=max(3, math.ceil(calls / window)))
 
 
 def expect(reply: dict, doing: str) -> dict:
@@ -52,82 +100,72 @@ def expect(reply: dict, doing: str) -> dict:
     return reply
 
 
-def timed_call(subject: SandboxProcess, checker: SandboxProcess, seed: int, run_message: dict,
-               timeout: float) -> tuple[dict, float]:
-    """One call under the protocol; returns the subject's reply and the parent's wall milliseconds."""
-    expect(subject.request({"op": "prepare", "seed": seed}, timeout=timeout)[0], "making the inputs")
-    checker.request({"op": "flush"}, timeout=timeout)
-    subject.send(run_message, timeout=timeout)
+def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
+                 timeout: float) -> tuple[dict, float]:
+    """One window under the protocol; returns the subject's reply and the parent's wall milliseconds."""
+    expect(subject.request({"op": "prepare", "seeds": seeds}, timeout=timeout)[0], "making the inputs")
+    flusher.request({"op": "flush"}, timeout=timeout)
+    subject.send(run_message, timeout=timeout * len(seeds))
     started = time.perf_counter()
-    reply, _ = subject.receive(timeout)
-    wall_ms = (time.perf_counter() - started) * 1e3
+    reply, _ = subject.receive(timeout * len(seeds))
+    wall_ms = (subject.last_arrival - started) * 1e3
     return expect(reply, "the call"), wall_ms
 
 
-def time_reference(checker: SandboxProcess, seeds: list[int], model: str, keep_expected: bool,
-                   timeout: float) -> Samples:
+def time_reference(checker: SandboxProcess, flusher: SandboxProcess, windows: list[list[int]], model: str,
+                   keep_expected: bool, timeout: float) -> Samples:
     samples = Samples()
-    for seed in seeds:
-        reply, wall = timed_call(checker, checker, seed, {"op": "run", "model": model, "seed": seed,
-                                                          "keep_expected": keep_expected}, timeout)
-        samples.event_ms.append(reply["elapsed_ms"])
-        samples.wall_ms.append(wall)
+    for seeds in windows:
+        reply, wall = timed_window(checker, flusher, seeds, {"op": "run", "model": model,
+                                                             "keep_expected": keep_expected}, timeout)
+        samples.add_window(reply["elapsed_ms"], wall)
     return samples
 
 
-def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, seeds: list[int], timeout: float,
-                   judge: Callable[[list[dict]], None]) -> Samples:
-    """Time the candidate on the given seeds; every call's outputs go to the checker, whose
-    checks are handed to `judge` (which raises to stop at the first failure)."""
+def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: SandboxProcess,
+                   windows: list[list[int]], timeout: float, judge: Callable[[list[dict]], None],
+                   judge_details: Callable[[dict, dict], None]) -> Samples:
+    """Time the candidate on the given windows of seeds. What the candidate says of its outputs
+    goes to `judge_details`; the outputs themselves go to the checker, whose checks go to
+    `judge`. Both raise to stop at the first failure."""
     samples = Samples()
-    for seed in seeds:
-        reply, wall = timed_call(candidate, checker, seed, {"op": "run", "send_outputs": True}, timeout)
+    for seeds in windows:
+        reply, wall = timed_window(candidate, flusher, seeds, {"op": "run", "send_outputs": True}, timeout)
         details, payload = candidate.receive(timeout)
         expect(details, "describing the outputs")
-        samples.event_ms.append(reply["elapsed_ms"])
-        samples.wall_ms.append(wall)
-        if not reply.get("plain"):
-            judge([{"name": "output_type", "passed": False,
-                    "detail": "a timed call returned something other than a plain torch.Tensor"}])
-            continue
-        verdict, _ = checker.request({"op": "compare_timed", "seed": seed, "tensors": details["tensors"],
-                                      "checksum": reply["checksum"]}, payload, timeout=timeout)
-        judge(verdict["checks"])
+        samples.add_window(reply["elapsed_ms"], wall)
+        judge_details(details, reply)
+        verdict, _ = checker.request({"op": "compare_timed", "seeds": seeds, "tensors": details["tensors"],
+                                      "outputs": details["outputs"], "checksum": reply["checksum"]},
+                                     payload, timeout=timeout)
+        judge(expect(verdict, "comparing timed outputs")["checks"])
     return samples
 
 
-def warm_up(subject: SandboxProcess, checker: SandboxProcess, seeds: list[int], run_message: dict,
+def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
             timeout: float, drain_details: bool) -> list[float]:
+    """Calls whose times are thrown away (module loading, JIT compilation, allocator growth)."""
     times = []
     for seed in seeds:
-        reply, _ = timed_call(subject, checker, seed, run_message, timeout)
+        reply, _ = timed_window(subject, flusher, [seed], run_message, timeout)
         if drain_details:
             expect(subject.receive(timeout)[0], "describing the outputs")
-        times.append(reply["elapsed_ms"])
+        times.extend(reply["elapsed_ms"])
     return times
 
 
-def timed_call_count(reference_ms: float, budget_s: float, lowest: int, highest: int) -> int:
-    """How many timed calls each subject gets: set from the reference alone, so the candidate cannot steer it."""
-    wanted = int(budget_s * 1e3 / max(reference_ms, 1e-3))
-    return max(lowest, min(highest, wanted))
-
-
 def timer_consistency(reference: Samples, candidate: Samples) -> Check:
-    """The candidate's event times must agree with the parent's clock, calibrated on the reference."""
+    """Per window, the time outside the event windows must not exceed the reference's: more
+    means the timer under-reported, or work ran after it stopped."""
     ref_overhead, cand_overhead = reference.overhead_ms(), candidate.overhead_ms()
-    allowed = (OVERHEAD_FACTOR * ref_overhead + OVERHEAD_SLACK_MS
-               + OVERHEAD_SLACK_FRACTION * statistics.median(candidate.wall_ms))
-    if cand_overhead > allowed:
+    slack = OVERHEAD_SLACK_MS + OVERHEAD_SLACK_FRACTION * ref_overhead
+    median_event = statistics.median(candidate.event_ms)
+    if cand_overhead > ref_overhead + slack:
         return Check(name="timer_consistency", passed=False, detail=(
-            f"the candidate's timer reports a median of {statistics.median(candidate.event_ms):.4f} ms per call, "
-            f"but the parent's clock saw {statistics.median(candidate.wall_ms):.4f} ms: {cand_overhead:.4f} ms went "
-            f"unaccounted, where the same protocol leaves {ref_overhead:.4f} ms for the reference "
-            f"(allowed {allowed:.4f} ms): the timer was tampered with or work ran outside it"))
+            f"the candidate's timer reports {median_event:.4f} ms per call, but the parent's clock saw "
+            f"{cand_overhead - ref_overhead:.4f} ms more per window of {len(candidate.event_ms) // len(candidate.window_wall_ms)} "
+            f"calls outside the timer than the reference leaves under the same protocol (allowed {slack:.4f} ms): "
+            "the timer was tampered with or work ran outside it"))
     return Check(name="timer_consistency", passed=True, detail=(
-        f"event times agree with the parent's wall clock ({cand_overhead:.4f} ms per call outside the timer; "
+        f"event times agree with the parent's wall clock ({cand_overhead:.4f} ms per window outside the timer; "
         f"reference {ref_overhead:.4f} ms)"))
-
-
-def is_subject_failure(err: Exception) -> bool:
-    return isinstance(err, (SubjectError, SandboxFailure))

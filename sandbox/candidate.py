@@ -11,6 +11,7 @@ Imports only the standard library and torch. Never imports evo.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -32,8 +33,7 @@ class Runner:
     def __init__(self, read_fd: int, write_fd: int):
         self.read_fd, self.write_fd = read_fd, write_fd
         self.model = None
-        self.inputs: list = []
-        self.recent_inputs: list = []  # the last sets stay alive, so each call's inputs land at new addresses
+        self.window: list = []  # input sets of the next window of calls
         self.ledger = hooks.ExtensionLedger()
         self.pinned_flags: dict = {}
 
@@ -83,46 +83,60 @@ class Runner:
         return changed
 
     def op_prepare(self, msg: dict) -> None:
-        self.recent_inputs = (self.recent_inputs + [self.inputs])[-2:]
-        self.inputs = harness.make_inputs(self.get_inputs, msg["seed"], self.device, self.generate_on_device)
-        harness.poison_allocator(self.device, self.poison_sizes)
+        """Make the inputs of the next window of calls, one set per seed, all alive at once (so each
+        call's inputs sit at new addresses), and leave NaN-filled blocks for its outputs."""
+        self.window = None
+        self.window = [harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device)
+                       for seed in msg["seeds"]]
+        harness.poison_allocator(self.device, self.poison_sizes * len(self.window))
         self.clock.synchronize()
         _write_frame(self.write_fd, {"ready": True})
 
     def op_run(self, msg: dict) -> None:
-        """Time one call. The first reply is sent the moment the clock stops, with a checksum of the
-        outputs as they are then; the description and the bytes follow in a second frame."""
+        """Time each call of the window. The trusted flusher emptied the cache just before, and each
+        call reads inputs nothing has touched since. The first reply is sent the moment the last
+        clock stops, with a checksum of all outputs as they are then; descriptions and bytes
+        follow in a second frame."""
         calls_before = self.ledger.calls
-        result, elapsed_ms = self.clock.time_call(self.model, *self.inputs)
-        outputs = harness.as_output_list(result)
-        plain = all(_exact_type(out) is _tensor_type for out in outputs)
-        digest = harness.checksum(outputs) if plain else None
-        _write_frame(self.write_fd, {"elapsed_ms": elapsed_ms, "checksum": digest, "plain": plain})
-        details = {"structure": [self.describe_output(out) for out in outputs],
-                   "flags_changed": self.changed_flags(), "extension_calls": self.ledger.calls - calls_before}
+        results, elapsed = [], []
+        gc.disable()  # a collection between calls would land outside the timer, unlike the reference's
+        try:
+            for inputs in self.window:
+                result, elapsed_ms = self.clock.time_call(self.model, *inputs)
+                results.append(harness.as_output_list(result))
+                elapsed.append(elapsed_ms)
+        finally:
+            gc.enable()
+        everything = [out for outputs in results for out in outputs]
+        plain = all(_exact_type(out) is _tensor_type for out in everything)
+        digest = harness.checksum(everything) if plain else None
+        _write_frame(self.write_fd, {"elapsed_ms": elapsed, "checksum": digest, "plain": plain})
+        details = {"structure": [self.describe_output(out, inputs) for outputs, inputs in zip(results, self.window)
+                                 for out in outputs],
+                   "flags_changed": self.changed_flags(), "extension_calls": self.ledger.calls - calls_before,
+                   "outputs": len(results[0])}
         payload = b""
         if msg.get("send_outputs") and plain:
-            sent = outputs + (self.inputs if msg.get("send_inputs") else [])
+            sent = everything + (self.window[0] if msg.get("send_inputs") else [])
             details["tensors"], payload = harness.tensors_to_payload(sent)
-            details["outputs"] = len(outputs)
         _write_frame(self.write_fd, details, payload)
 
-    def describe_output(self, out) -> dict:
+    def describe_output(self, out, inputs: list) -> dict:
         item = {"type": f"{_exact_type(out).__module__}.{_exact_type(out).__qualname__}",
                 "exact_tensor": _exact_type(out) is _tensor_type}
         if not isinstance(out, torch.Tensor):
             return item
         item.update(dtype=str(out.dtype).removeprefix("torch."), shape=list(out.shape), device=str(out.device),
-                    layout=str(out.layout), shares_input_storage=self.shares_input_storage(out))
+                    layout=str(out.layout), shares_input_storage=self.shares_input_storage(out, inputs))
         return item
 
-    def shares_input_storage(self, out: torch.Tensor) -> bool:
+    def shares_input_storage(self, out: torch.Tensor, inputs: list) -> bool:
         try:
             start = out.untyped_storage().data_ptr()
             end = start + out.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             return False
-        for tensor in self.inputs:
+        for tensor in inputs:
             storage = tensor.untyped_storage()
             other = storage.data_ptr()
             if start < other + storage.nbytes() and other < end:
@@ -136,7 +150,7 @@ class Runner:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.clock.cuda else [])
         calls_before = self.ledger.calls
         with profile(activities=activities) as prof:
-            self.model(*self.inputs)
+            self.model(*self.window[0])
             self.clock.synchronize()
         kernels, operators = {}, {}
         for event in prof.events():

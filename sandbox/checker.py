@@ -9,6 +9,7 @@ Imports only the standard library and torch. Never imports evo.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 
@@ -29,8 +30,7 @@ class Checker:
         self.trials: dict[int, dict] = {}  # seed -> inputs, reference outputs in fp32 and fp64
         self.expected: dict[int, list] = {}  # seed -> reference outputs of timed calls, on the host
         self.tolerance: dict | None = None  # widest tolerance the correctness trials used
-        self.inputs: list = []
-        self.last_outputs: list = []
+        self.window: list = []  # (seed, inputs) of the next window of reference calls
 
     def reply(self, header: dict, payload: bytes = b"") -> None:
         wire.write_frame(self.write_fd, header, payload)
@@ -75,8 +75,6 @@ class Checker:
             if harness._exact_type(out) is not torch.Tensor:
                 raise harness.UserCodeError(
                     f"the reference Model returned {type(out).__name__} at position {position}; outputs must be tensors")
-        flush_bytes = msg["flush_bytes"]
-        self.flusher = harness.CacheFlusher(self.device, flush_bytes)
         measured = msg.get("ceilings") or ceilings.measure(self.device)
         self.reply({
             "init_seed": self.init_seed, "generate_on_device": self.generate_on_device,
@@ -153,38 +151,54 @@ class Checker:
         else:
             self.tolerance = {key: max(self.tolerance[key], tolerance[key]) for key in tolerance}
 
-    # ---- the reference as a timed subject, and the cache flush ---------------------------
+    # ---- the reference as a timed subject -------------------------------------------------
 
     def op_prepare(self, msg: dict, _payload) -> None:
-        self.inputs = harness.make_inputs(self.get_inputs, msg["seed"], self.device, self.generate_on_device)
+        self.window = None
+        self.window = [(seed, harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device))
+                       for seed in msg["seeds"]]
         self.clock.synchronize()
         self.reply({"ready": True})
 
-    def op_flush(self, _msg, _payload) -> None:
-        self.flusher.flush()
-        self.reply({"flushed": True})
-
     def op_run(self, msg: dict, _payload) -> None:
+        """A window of reference calls under the same protocol as the candidate's."""
         model = self.models[msg.get("model", "eager")]
-        with torch.no_grad():
-            result, elapsed_ms = self.clock.time_call(model, *self.inputs)
-        outputs = harness.as_output_list(result)
-        digest = harness.checksum(outputs)
-        self.reply({"elapsed_ms": elapsed_ms, "checksum": digest})
+        results, elapsed = [], []
+        gc.disable()
+        try:
+            with torch.no_grad():
+                for seed, inputs in self.window:
+                    result, elapsed_ms = self.clock.time_call(model, *inputs)
+                    results.append((seed, harness.as_output_list(result)))
+                    elapsed.append(elapsed_ms)
+        finally:
+            gc.enable()
+        digest = harness.checksum([out for _, outputs in results for out in outputs])
+        self.reply({"elapsed_ms": elapsed, "checksum": digest})
         if msg.get("keep_expected"):
-            self.expected[msg["seed"]] = [out.detach().cpu() for out in outputs]
+            for seed, outputs in results:
+                self.expected[seed] = [out.detach().cpu() for out in outputs]
 
     # ---- outputs of the candidate's timed calls ------------------------------------------
 
     def op_compare_timed(self, msg: dict, payload) -> None:
-        outputs = harness.payload_to_tensors(msg["tensors"], payload)
-        expected = self.expected.pop(msg["seed"], None)
-        if expected is None:  # not kept (memory budget): recompute now, while nothing is timed
-            inputs = harness.make_inputs(self.get_inputs, msg["seed"], self.device, self.generate_on_device)
-            expected = [out.detach().cpu() for out in self.call_reference(inputs)]
-        checks = [numerics.check_binding(outputs, msg["checksum"]), numerics.check_output_meta(outputs, expected)]
-        if checks[-1]["passed"]:
-            checks.append(numerics.check_timed_values(outputs, expected, self.tolerance))
+        """The outputs of a window of timed calls, one group per seed, in order."""
+        received = harness.payload_to_tensors(msg["tensors"], payload)
+        checks = [numerics.check_binding(received, msg["checksum"])]
+        per_call = msg["outputs"]
+        for position, seed in enumerate(msg["seeds"]):
+            outputs = received[position * per_call: (position + 1) * per_call]
+            expected = self.expected.pop(seed, None)
+            if expected is None:  # not kept (memory budget): recompute now, while nothing is timed
+                inputs = harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device)
+                expected = [out.detach().cpu() for out in self.call_reference(inputs)]
+            shape = numerics.check_output_meta(outputs, expected)
+            value = numerics.check_timed_values(outputs, expected, self.tolerance) if shape["passed"] else shape
+            if not value["passed"]:
+                checks.append(value)
+                break
+        else:
+            checks.append(value)
         self.reply({"checks": checks})
 
     def op_audit(self, msg: dict, _payload) -> None:

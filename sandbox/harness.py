@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy
 import torch
 
 # Bound before any candidate code is imported, so that patching the module
@@ -196,14 +197,20 @@ def checksum(tensors: list) -> int:
     """Order-independent exact sum of the tensors' bytes, as 32-bit words, modulo 2**63.
 
     Computed where the tensors live, so that a value reported at the end of a timed call
-    binds the bytes delivered afterwards.
+    binds the bytes delivered afterwards. On the host it runs single-threaded (numpy), so its
+    cost does not depend on the state a subject left torch's thread pool in.
     """
     total = 0
     for tensor in tensors:
         flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         whole = flat.numel() // 4 * 4
-        words = flat[:whole].view(torch.int32).to(torch.int64).sum().item() if whole else 0
-        tail = flat[whole:].to(torch.int64).sum().item() if whole < flat.numel() else 0
+        if flat.device.type == "cpu":
+            raw = flat.numpy()
+            words = int(raw[:whole].view(numpy.int32).sum(dtype=numpy.int64)) if whole else 0
+            tail = int(raw[whole:].sum(dtype=numpy.int64))
+        else:
+            words = flat[:whole].view(torch.int32).to(torch.int64).sum().item() if whole else 0
+            tail = flat[whole:].to(torch.int64).sum().item() if whole < flat.numel() else 0
         total = (total + words + tail) % (2**63)
     return total
 
@@ -255,17 +262,20 @@ class CacheFlusher:
         self.clock.synchronize()
 
 
-def poison_allocator(device: str, sizes: list[int], fill_float: float = float("nan")) -> None:
-    """Leave freed blocks of the given sizes, filled with NaN, in the allocator's cache.
+def poison_allocator(device: str, sizes: list[int]) -> None:
+    """Leave freed blocks of exactly the given sizes, filled with NaN, in the allocator's cache.
 
-    The next allocations of those sizes (a candidate's torch.empty outputs) then start NaN,
+    The next allocations of those sizes (a candidate's torch.empty outputs) then start as NaN,
     so unwritten memory shows instead of holding whatever was there.
     """
     blocks = []
     for nbytes in sizes:
         for _ in range(2):
-            block = torch.empty(max(nbytes, 4) // 4 + 1, dtype=torch.float32, device=device)
-            block.fill_(fill_float)
+            block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            words = nbytes // 4
+            if words:
+                block[: words * 4].view(torch.float32).fill_(float("nan"))
+            block[words * 4:].fill_(0xFF)
             blocks.append(block)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -61,6 +61,10 @@ class FrameParser:
         self.need = 4
         self.header: dict = {}
 
+    def idle(self) -> bool:
+        """True between frames: the next byte read starts a new frame."""
+        return self.state == "length" and not self.buffer
+
     def feed(self, data: bytes) -> list[tuple[dict, bytearray]]:
         self.buffer += data
         frames = []
