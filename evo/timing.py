@@ -3,15 +3,16 @@
 Calls are timed in windows of K. Before a window the subject makes K fresh input sets from
 seeds it learns only now, and the trusted flusher process evicts the device cache, so every
 call reads inputs that nothing has touched since. The parent starts its clock and tells the
-subject to run; the subject times each call with device events closed after a whole-device
-synchronize, and replies with its times and a checksum of all outputs as they were when its
-last clock stopped. The parent stops its clock at that reply. The outputs follow and the
+subject to run; the subject synchronizes the whole device, runs the calls back to back with
+device events around each, synchronizes the whole device again, and replies with its times
+and a checksum of all outputs as they were then. The parent stops its clock at that reply. The outputs follow and the
 checker judges every one of them.
 
 The reference is timed by the same protocol, so the time it leaves outside its event windows
 calibrates the candidate's: a candidate whose timer under-reports, or whose work runs after
-its clock stops, leaves more time unaccounted. Windows amortize the protocol's own jitter
-(the message round trip, the switch of GPU context after the flush) over K calls.
+its clock stops (on a side stream, in a thread), leaves more time unaccounted. No host
+synchronize sits between the calls of a window, so the protocol's own jitter (the message
+round trip, the switch of GPU context after the flush) is paid once per window, not per call.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from evo.verdict import Check, TimingStats
 # jitter is small against it; but never more than MAX_WINDOW calls.
 WINDOW_TARGET_MS = 2.0
 MAX_WINDOW = 32
-# Unaccounted time per window may differ from the reference's by this much before the
-# candidate's timer is disbelieved (measured jitter on an H200 is a few hundredths of a ms).
-OVERHEAD_SLACK_MS = 0.05
-OVERHEAD_SLACK_FRACTION = 0.1  # of the reference's unaccounted time per window
+# Unaccounted time per window may exceed the reference's by this much before the candidate's
+# timer is disbelieved. On an H200, honest candidates landed within 0.13 ms of the reference
+# per 32-call window with about 2.2 ms unaccounted; this bounds what a tampered timer hides.
+OVERHEAD_SLACK_MS = 0.1
+OVERHEAD_SLACK_FRACTION = 0.15  # of the reference's unaccounted time per window
 
 
 class SubjectError(Exception):

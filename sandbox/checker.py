@@ -163,16 +163,13 @@ class Checker:
     def op_run(self, msg: dict, _payload) -> None:
         """A window of reference calls under the same protocol as the candidate's."""
         model = self.models[msg.get("model", "eager")]
-        results, elapsed = [], []
         gc.disable()
         try:
             with torch.no_grad():
-                for seed, inputs in self.window:
-                    result, elapsed_ms = self.clock.time_call(model, *inputs)
-                    results.append((seed, harness.as_output_list(result)))
-                    elapsed.append(elapsed_ms)
+                raw, elapsed = self.clock.time_window(model, [inputs for _, inputs in self.window])
         finally:
             gc.enable()
+        results = [(seed, harness.as_output_list(result)) for (seed, _), result in zip(self.window, raw)]
         digest = harness.checksum([out for _, outputs in results for out in outputs])
         self.reply({"elapsed_ms": elapsed, "checksum": digest})
         if msg.get("keep_expected"):

@@ -218,7 +218,8 @@ def checksum(tensors: list) -> int:
 # ---- devices -------------------------------------------------------------------------------
 
 class DeviceClock:
-    """Timing of one call: CUDA events closed after a whole-device synchronize, or the host clock."""
+    """Timing of a window of calls: CUDA events on one stream, back to back, with the whole
+    device synchronized before the first call and after the last; or the host clock on a CPU."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
@@ -227,25 +228,37 @@ class DeviceClock:
             self._event = torch.cuda.Event
             self._elapsed = torch.cuda.Event.elapsed_time
             self._record = torch.cuda.Event.record
+            self._current_stream = torch.cuda.current_stream
 
     def synchronize(self) -> None:
         if self.cuda:
             self._synchronize()
 
-    def time_call(self, fn, *args):
-        """(result, milliseconds); the whole device is synchronized before the clock stops."""
+    def time_window(self, fn, windows: list) -> tuple[list, list[float]]:
+        """(results, milliseconds of each call). Work a call leaves running on another stream is
+        not in its event time, but the final synchronize holds the window open until it ends,
+        so the parent's clock sees it."""
+        results, elapsed = [], []
         if not self.cuda:
-            start = _perf_counter()
-            result = fn(*args)
-            return result, (_perf_counter() - start) * 1e3
-        begin, end = self._event(enable_timing=True), self._event(enable_timing=True)
+            for inputs in windows:
+                start = _perf_counter()
+                results.append(fn(*inputs))
+                elapsed.append((_perf_counter() - start) * 1e3)
+            return results, elapsed
+        stream = self._current_stream()
+        marks = [(self._event(enable_timing=True), self._event(enable_timing=True)) for _ in windows]
         self._synchronize()
-        self._record(begin)
-        result = fn(*args)
+        for (begin, end), inputs in zip(marks, windows):
+            self._record(begin, stream)
+            results.append(fn(*inputs))
+            self._record(end, stream)
         self._synchronize()
-        self._record(end)
-        self._synchronize()
-        return result, self._elapsed(begin, end)
+        return results, [self._elapsed(begin, end) for begin, end in marks]
+
+    def time_call(self, fn, *args):
+        """One call as a window of one: (result, milliseconds)."""
+        results, elapsed = self.time_window(fn, [args])
+        return results[0], elapsed[0]
 
 
 class CacheFlusher:
