@@ -3,8 +3,6 @@ which GPU, its architecture, the sandbox environment and limits, cached ceilings
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 import shutil
@@ -18,7 +16,7 @@ GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
 CPU_FLUSH_BYTES = 64 << 20
 # Environment variables a sandbox keeps; everything else (API keys included) is dropped.
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "CC", "CXX",
-                  "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "MAX_JOBS")
+                  "MAX_JOBS")
 
 
 class DeviceError(Exception):
@@ -119,22 +117,6 @@ def cache_dir() -> Path:
     return root
 
 
-def _ceilings_path(root: Path, device: Device) -> Path:
-    key = hashlib.sha256(f"{device.kind}|{device.name}|{device.arch}|{driver_version()}".encode()).hexdigest()[:16]
-    return root / f"ceilings-{device.kind}-{key}.json"
-
-
-def cached_ceilings(root: Path, device: Device) -> dict | None:
-    try:
-        return json.loads(_ceilings_path(root, device).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def store_ceilings(root: Path, device: Device, ceilings: dict) -> None:
-    _ceilings_path(root, device).write_text(json.dumps(ceilings))
-
-
 def driver_version() -> str | None:
     if not shutil.which("nvidia-smi"):
         return None
@@ -154,3 +136,20 @@ def environment(device: Device, facts: dict) -> dict:
            "cpu": facts.get("cpu"), "evo": __version__, "compute_capability": facts.get("compute_capability"),
            "sm_count": facts.get("sm_count"), "l2_bytes": facts.get("l2_bytes")}
     return {key: value for key, value in env.items() if value is not None}
+
+
+def publish_extensions(extensions: list[dict], cache: Path) -> None:
+    """Copy what a build sandbox compiled into the shared cache, each entry at most once and
+    whole (copied beside it, then renamed), so a half-written entry is never read."""
+    for extension in extensions:
+        target = cache / extension["entry"]
+        source = Path(extension["build_directory"])
+        if target.exists() or not source.is_dir():
+            continue
+        staging = cache / f".{extension['entry']}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("lock"))
+        try:
+            staging.rename(target)
+        except OSError:  # another evo published it first
+            shutil.rmtree(staging, ignore_errors=True)

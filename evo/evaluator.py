@@ -100,10 +100,13 @@ class Evaluation:
             raise EvaluatorError(f"candidate file {self.candidate} does not exist; pass the path of a file defining ModelNew")
         started = time.monotonic()
         builder = self.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": ""})
-        reply, _ = builder.request({"candidate": str(self.candidate), "extensions_dir": str(self.extensions_dir()),
+        reply, _ = builder.request({"candidate": str(self.candidate), "extensions_cache": str(self.extensions_cache()),
+                                    "extensions_dir": str(builder.workdir / "extensions"),
                                     "allow_reduced_precision": self.policy.allow_reduced_precision},
                                    timeout=self.policy.build_timeout_s)
         builder.close()
+        if reply["ok"]:
+            devices.publish_extensions(reply["extensions"], self.extensions_cache())
         self.timings.build_s = time.monotonic() - started
         if reply.get("refused_flags"):
             self.judgement.reject("compiler_flags", f"{reply['error']}; pass --allow-reduced-precision to permit them")
@@ -113,7 +116,8 @@ class Evaluation:
         self.judgement.passed("build", "built" if reply["extensions"] else
                               "no extension to build at import" + (f" ({reply['deferred']})" if reply.get("deferred") else ""))
 
-    def extensions_dir(self) -> Path:
+    def extensions_cache(self) -> Path:
+        """Built extensions by content hash: sandboxes read it, only this process writes it."""
         path = self.cache_dir / "extensions" / self.device.arch_tag
         path.mkdir(parents=True, exist_ok=True)
         return path
@@ -168,7 +172,8 @@ class Evaluation:
         loaded, _ = self.runner.request({
             "op": "load", "candidate": str(self.candidate), "task": str(self.task), "device": self.device.torch_name,
             "init_seed": facts["init_seed"], "allow_reduced_precision": self.policy.allow_reduced_precision,
-            "extensions_dir": str(self.extensions_dir()), "generate_on_device": facts["generate_on_device"],
+            "extensions_cache": str(self.extensions_cache()), "extensions_dir": str(self.runner.workdir / "extensions"),
+            "generate_on_device": facts["generate_on_device"],
             "flush_bytes": self.device.flush_bytes,
             "poison_sizes": [meta["nbytes"] for meta in facts["outputs"]]}, timeout=self.policy.load_timeout_s)
         self.timings.correctness_s += time.monotonic() - started
@@ -181,13 +186,11 @@ class Evaluation:
         """Load the task in the checker; its reply describes the task's inputs, outputs and work."""
         reply, _ = self.checker.request({
             "op": "init", "task": str(self.task), "device": self.device.torch_name,
-            "ceilings": devices.cached_ceilings(self.cache_dir, self.device),
             "compile_baseline": self.policy.compile_baseline, "flush_bytes": self.device.flush_bytes,
             "policy": self.policy.model_dump()}, timeout=self.policy.load_timeout_s)
         if "error" in reply:
             raise EvaluatorError(reply["error"] if reply.get("user_error") else f"the reference process failed: {reply['error']}")
         self.facts = reply["facts"]
-        devices.store_ceilings(self.cache_dir, self.device, reply["ceilings"])
         return reply
 
     def correctness(self) -> None:
@@ -270,6 +273,7 @@ class Evaluation:
         isolation_report = Isolation(
             method=self.profile.method, network_isolated=self.profile.network_isolated,
             pid_namespace=self.profile.pid_namespace, user_namespace=self.profile.user_namespace,
+            read_only_filesystem=self.profile.read_only_filesystem,
             memory_limit_bytes=self.limits.memory_bytes, call_timeout_s=self.policy.call_timeout_s,
             visible_gpus=self.device.visible, notes=list(self.profile.notes))
         common = dict(task=str(self.task), candidate=str(self.candidate), device=self.device.torch_name,

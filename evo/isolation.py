@@ -1,9 +1,10 @@
 """Which isolation this machine allows, and the command prefix that applies it.
 
 Preferred: `unshare` with a user, PID, network, IPC and mount namespace (its own /proc, so the
-candidate sees no other process; no network; everything in it dies with it). Where the OS
-refuses namespaces, the sandbox still gets its own process group, temporary directory,
-scrubbed environment and resource limits, and the verdict says what was missing.
+candidate sees no other process; no network; everything in it dies with it), and inside it
+sandbox/enter.sh, which leaves only the sandbox's own directory writable. Where the OS refuses
+namespaces, the sandbox still gets its own process group, temporary directory, scrubbed
+environment and resource limits, and the verdict says what was missing.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+
+from evo.sandbox import wire
 
 
 class IsolationProfile(BaseModel):
@@ -24,7 +29,17 @@ class IsolationProfile(BaseModel):
     network_isolated: bool  # own network namespace: no interface but loopback
     pid_namespace: bool  # sees only its own processes; all die with the sandbox
     user_namespace: bool
+    read_only_filesystem: bool  # everything but the sandbox's own directory is read-only, locked
     notes: tuple[str, ...] = ()
+
+    def command(self, writable: Path, program: list[str]) -> list[str]:
+        """The command line that runs `program` under this profile, with `writable` its only writable directory."""
+        if self.read_only_filesystem:
+            return [*self.command_prefix, "sh", str(ENTER_SCRIPT), str(writable), "--", *program]
+        return [*self.command_prefix, *program]
+
+
+ENTER_SCRIPT = Path(wire.__file__).resolve().parent / "enter.sh"
 
 
 # Ordered from strongest to weakest; the first that runs a trivial command is used.
@@ -48,11 +63,30 @@ def probe(allow_namespaces: bool = True) -> IsolationProfile:
                 ok = False
             if ok:
                 pid_ns = "--pid" in flags
+                read_only = "--user" in flags and "--mount-proc" in flags and _read_only_works(command)
                 notes = () if pid_ns else ("no PID namespace: the sandbox can see other processes of this user",)
+                if not read_only:
+                    notes += ("the filesystem could not be made read-only: a sandbox can write where this user can",)
                 return IsolationProfile(method="unshare", command_prefix=command, network_isolated="--net" in flags,
-                                        pid_namespace=pid_ns, user_namespace="--user" in flags, notes=notes)
+                                        pid_namespace=pid_ns, user_namespace="--user" in flags,
+                                        read_only_filesystem=read_only, notes=notes)
     reason = "namespaces were disabled by the caller" if not allow_namespaces else \
         "this OS refused every namespace (no unshare, or unprivileged namespaces are off)"
     return IsolationProfile(method="process-group", command_prefix=(), network_isolated=False, pid_namespace=False,
-                            user_namespace=False, notes=(f"{reason}: the candidate shares the network and can see "
+                            user_namespace=False, read_only_filesystem=False, notes=(f"{reason}: the candidate shares the network and can see "
                                                          "other processes of this user",))
+
+
+def _read_only_works(prefix: tuple[str, ...]) -> bool:
+    """Whether enter.sh leaves exactly its directory writable here (some kernels refuse the remounts)."""
+    with tempfile.TemporaryDirectory(prefix="evo-probe-") as scratch:
+        inside, outside = Path(scratch, "inside"), Path(scratch, "outside")
+        inside.mkdir()
+        outside.mkdir()
+        probe = (f"touch {inside}/written && ! touch {outside}/written 2>/dev/null")
+        try:
+            result = subprocess.run([*prefix, "sh", str(ENTER_SCRIPT), str(inside), "--", "sh", "-c", probe],
+                                    capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return result.returncode == 0 and (inside / "written").exists() and not (outside / "written").exists()

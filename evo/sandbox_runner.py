@@ -79,7 +79,7 @@ class SandboxProcess:
     def start(self) -> "SandboxProcess":
         child_read, parent_write = os.pipe()
         parent_read, child_write = os.pipe()
-        command = [*self.isolation.command_prefix, sys.executable, str(self.program), f"{child_read},{child_write}"]
+        command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
         self.proc = subprocess.Popen(
             command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, pass_fds=(child_read, child_write), start_new_session=True,

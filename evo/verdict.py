@@ -49,6 +49,7 @@ class Isolation(BaseModel):
     network_isolated: bool
     pid_namespace: bool
     user_namespace: bool
+    read_only_filesystem: bool  # only the sandbox's own directory is writable
     own_temporary_directory: bool = True
     scrubbed_environment: bool = True
     memory_limit_bytes: int

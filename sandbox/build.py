@@ -39,7 +39,7 @@ def main() -> None:
     read_fd, write_fd = harness.channel_from_argv()
     msg, _ = wire.read_frame(read_fd)
     ledger = hooks.ExtensionLedger()
-    hooks.install(msg["extensions_dir"], msg["allow_reduced_precision"], ledger)
+    hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], ledger)
     started = time.monotonic()
     reply = {"ok": True, "deferred": None}
     try:

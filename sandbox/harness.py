@@ -224,11 +224,13 @@ class DeviceClock:
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
         if self.cuda:
-            self._synchronize = torch.cuda.synchronize
+            # The C functions themselves, bound now: torch.cuda.synchronize and Event.record look
+            # theirs up on every call, where a candidate could have replaced them.
+            self._synchronize = torch._C._cuda_synchronize
             self._event = torch.cuda.Event
-            self._elapsed = torch.cuda.Event.elapsed_time
-            self._record = torch.cuda.Event.record
-            self._current_stream = torch.cuda.current_stream
+            self._elapsed = torch._C._CudaEventBase.elapsed_time
+            self._record = torch._C._CudaEventBase.record
+            self._stream = torch.cuda.default_stream()
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -245,7 +247,7 @@ class DeviceClock:
                 results.append(fn(*inputs))
                 elapsed.append((_perf_counter() - start) * 1e3)
             return results, elapsed
-        stream = self._current_stream()
+        stream = self._stream
         marks = [(self._event(enable_timing=True), self._event(enable_timing=True)) for _ in windows]
         self._synchronize()
         for (begin, end), inputs in zip(marks, windows):

@@ -6,10 +6,10 @@ Imports only the standard library and torch. Never imports evo.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -30,8 +30,13 @@ class ExtensionLedger:
         self.calls = 0  # calls into compiled extension functions
 
 
-def install(extensions_root: str, allow_reduced_precision: bool, ledger: ExtensionLedger) -> None:
-    """Route load_inline/load through the build cache and the flag policy."""
+def install(cache_root: str, private_root: str, allow_reduced_precision: bool, ledger: ExtensionLedger) -> None:
+    """Route load_inline/load through the build cache and the flag policy.
+
+    Each extension is built in `private_root`, a directory of this sandbox's own, starting from
+    a copy of its entry in `cache_root` when there is one (read-only here; only the parent adds
+    to it, after a build), so nothing a candidate writes reaches another candidate's build.
+    """
     original_load_inline = cpp_extension.load_inline
     original_load = cpp_extension.load
 
@@ -45,15 +50,23 @@ def install(extensions_root: str, allow_reduced_precision: bool, ledger: Extensi
                 raise RuntimeError(
                     f"compiler flags {' '.join(refused)} reduce floating-point precision, which the evaluator's policy forbids"
                 )
-            digest = hashlib.sha256(repr((kind, name, args, sorted(kwargs.items(), key=lambda kv: kv[0]),
+            digest = hashlib.sha256(repr((kind, name, args, sorted(kwargs.items(), key=lambda kv: kv[0]), flags,
                                           torch.__version__, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
-            build_dir = Path(extensions_root) / f"{name}-{digest}"
-            build_dir.mkdir(parents=True, exist_ok=True)
-            kwargs["build_directory"] = str(build_dir)
-            kwargs.pop("verbose", None)
-            with _exclusive(build_dir):
+            entry = f"{name}-{digest}"
+            build_dir = Path(private_root) / entry
+            cached = Path(cache_root) / entry
+            if (cached / f"{name}.so").is_file() and kwargs.get("is_python_module", True):
+                # torch's build files name absolute paths, so a copy elsewhere would rebuild:
+                # load the cached library itself, from a private copy.
+                build_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(cached / f"{name}.so", build_dir / f"{name}.so")
+                module = cpp_extension._import_module_from_library(name, str(build_dir), True)
+            else:
+                build_dir.mkdir(parents=True, exist_ok=True)
+                kwargs["build_directory"] = str(build_dir)
+                kwargs.pop("verbose", None)
                 module = original(name, *args, **kwargs)
-            ledger.extensions.append({"name": name, "build_directory": str(build_dir), "flags": flags})
+            ledger.extensions.append({"name": name, "entry": entry, "build_directory": str(build_dir), "flags": flags})
             if not isinstance(module, str):
                 _count_calls(module, ledger)
             return module
@@ -64,35 +77,17 @@ def install(extensions_root: str, allow_reduced_precision: bool, ledger: Extensi
     cpp_extension.load = guarded(original_load, "load")
 
 
+# Variables through which compilers take flags the call's arguments do not show.
+FLAG_VARIABLES = ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "PYTORCH_NVCC", "CFLAGS", "CXXFLAGS", "CPPFLAGS",
+                  "LDFLAGS", "NVCC_CCBIN", "TORCH_NVCC_FLAGS")
+
+
 def _flags_of(kwargs: dict) -> list[str]:
-    flags = []
+    flags = [f"{name}={os.environ[name]}" for name in FLAG_VARIABLES if os.environ.get(name)]
     for key in ("extra_cflags", "extra_cuda_cflags", "extra_ldflags"):
         value = kwargs.get(key) or []
         flags.extend([value] if isinstance(value, str) else list(value))
     return [str(flag) for flag in flags]
-
-
-class _exclusive:
-    """An exclusive lock on a build directory that dies with its holder.
-
-    torch's own lock file outlives a killed build and would block the next one forever,
-    so it is removed while this lock is held.
-    """
-
-    def __init__(self, build_dir: Path):
-        self.path = build_dir / "evo.lock"
-
-    def __enter__(self):
-        self.handle = open(self.path, "w")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
-        stale = self.path.parent / "lock"
-        if stale.exists():
-            stale.unlink()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
 
 
 def _count_calls(module, ledger: ExtensionLedger) -> None:
