@@ -13,7 +13,18 @@ from pathlib import Path
 from evo.sandbox_runner import Limits
 
 GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
-CPU_FLUSH_BYTES = 64 << 20
+
+
+def cpu_flush_bytes() -> int:
+    """Twice the largest CPU cache, at least 8 MiB: enough to evict it, cheap enough per call."""
+    largest = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size_file.read_text().strip().upper()
+            largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
+        except (OSError, ValueError):
+            continue
+    return max(8 << 20, 2 * largest)
 # Environment variables a sandbox keeps; everything else (API keys included) is dropped.
 PASSED_THROUGH = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "CUDA_HOME", "CUDA_PATH", "LD_LIBRARY_PATH", "CC", "CXX",
                   "MAX_JOBS")
@@ -46,7 +57,7 @@ class Device:
 
     @property
     def flush_bytes(self) -> int:
-        return GPU_FLUSH_BYTES if self.kind == "cuda" else CPU_FLUSH_BYTES
+        return GPU_FLUSH_BYTES if self.kind == "cuda" else cpu_flush_bytes()
 
     def cache_bytes(self, facts: dict) -> int:
         """Bytes of output that may still sit in the last-level cache when a call ends."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from evo import devices, isolation, judgement
 from evo.config import VerifyPolicy
 from evo.judgement import Judgement, Rejected
-from evo.sandbox_runner import Limits, SandboxFailure, SandboxProcess
+from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.timing import SubjectError, expect, plan, time_candidate, time_reference, warm_up
 from evo.verdict import Isolation, TaskAudit, Timings, Verdict
 
@@ -53,6 +53,8 @@ class Evaluation:
         started = time.monotonic()
         self.workdir = Path(tempfile.mkdtemp(prefix="evo-verify-"))
         try:
+            self.check_paths()
+            self.spawn_processes()  # their interpreter and torch start-up overlaps the build
             self.build()
             self.start_processes()
             self.time_reference()
@@ -93,11 +95,20 @@ class Evaluation:
 
     # ---- phases -----------------------------------------------------------------------------
 
-    def build(self) -> None:
+    def check_paths(self) -> None:
         if not self.task.is_file():
             raise EvaluatorError(f"task file {self.task} does not exist; pass the path of a KernelBench-style task file")
         if not self.candidate.is_file():
             raise EvaluatorError(f"candidate file {self.candidate} does not exist; pass the path of a file defining ModelNew")
+
+    def spawn_processes(self) -> None:
+        """The checker, the flusher and the candidate process, started at once; the candidate
+        process only imports torch until it is told to load the candidate."""
+        self.checker = self.sandbox("checker.py", "reference checker", {})
+        self.flusher = self.sandbox("flusher.py", "cache flusher", {})
+        self.runner = self.sandbox("candidate.py", "candidate process", {})
+
+    def build(self) -> None:
         started = time.monotonic()
         builder = self.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": ""})
         reply, _ = builder.request({"candidate": str(self.candidate), "extensions_cache": str(self.extensions_cache()),
@@ -123,12 +134,8 @@ class Evaluation:
         return path
 
     def start_processes(self) -> None:
-        """Start the checker, the flusher and the candidate process at once (their start-ups overlap);
-        the candidate process only imports torch until it is told to load the candidate."""
+        """Load the task in the checker, prepare the trials and audit the task."""
         started = time.monotonic()
-        self.checker = self.sandbox("checker.py", "reference checker", {})
-        self.flusher = self.sandbox("flusher.py", "cache flusher", {})
-        self.runner = self.sandbox("candidate.py", "candidate process", {})
         self.task_facts = self.init_checker()
         self.flusher.request({"op": "init", "device": self.device.torch_name, "flush_bytes": self.device.flush_bytes},
                              timeout=self.policy.load_timeout_s)
@@ -246,7 +253,7 @@ class Evaluation:
         if "error" in reply:
             self.judgement.reject("runs", f"the profiled call raised {reply['error']}")
         self.kernels = judgement.classify_kernels(reply, self.extension_calls)
-        self.judgement.custom_code(self.kernels, self.policy.require_custom_code)
+        self.judgement.custom_code(self.kernels, self.policy.require_custom_code, self.device.kind == "cuda")
 
     def audit_only(self) -> TaskAudit:
         self.workdir = Path(tempfile.mkdtemp(prefix="evo-audit-"))

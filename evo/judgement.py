@@ -103,16 +103,19 @@ class Judgement:
         else:
             self.passed("speed_of_light", f"the median call is above the device's limit of {limit:.4f} ms for this work")
 
-    def custom_code(self, kernels: dict, required: bool) -> None:
-        ran = kernels["extension_calls"] > 0 or bool(kernels["own_kernels_us"])
+    def custom_code(self, kernels: dict, required: bool, on_gpu: bool) -> None:
+        """On a GPU, only the profiler's kernel list counts: the candidate's own process keeps the
+        count of extension calls, and could forge it. On a CPU that count is all there is."""
+        ran = bool(kernels["own_kernels_us"]) if on_gpu else kernels["extension_calls"] > 0
         share = kernels.get("library_fraction")
         share_text = f"; {share:.0%} of GPU time in library kernels" if share is not None else ""
         if ran:
             self.passed("custom_code", f"the candidate's own compiled code ran{share_text}")
         elif required:
-            self.fail("custom_code", "none of the candidate's own compiled code ran during a call (no extension "
-                      f"function called, no kernel of its own launched){share_text}; pass --allow-no-custom-code to "
-                      "audit pure-PyTorch rewrites")
+            evidence = "no kernel of its own ran in a profiled call" if on_gpu else \
+                "no function of its compiled extensions was called during a call"
+            self.fail("custom_code", f"none of the candidate's own compiled code ran: {evidence}{share_text}; "
+                      "pass --allow-no-custom-code to audit pure-PyTorch rewrites")
         else:
             self.passed("custom_code", f"no custom code ran, allowed by --allow-no-custom-code{share_text}")
 

@@ -1,10 +1,10 @@
 """The timing protocol, driven from the parent, and the statistics of its samples.
 
-Calls are timed in windows of K. The parent starts its clock; the subject makes K fresh input
-sets from seeds it learns only now; the trusted flusher process evicts the device cache, so
-every call reads inputs that nothing has touched since; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
+Calls are timed in windows of K. The subject makes K fresh input sets from seeds it learns
+only now; the trusted flusher process evicts the device cache, so every call reads inputs that
+nothing has touched since; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
 device events around each, synchronizes the whole device again, and replies with its times
-and a checksum of all outputs as they were then. The parent stops its clock at that reply. The outputs follow and the
+and a checksum of all outputs as they were then. The parent's clock covers the making of the inputs and the run, up to that reply. The outputs follow and the
 checker judges every one of them.
 
 The reference is timed by the same protocol, so the time it leaves outside its event windows
@@ -105,15 +105,18 @@ def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[i
                  timeout: float) -> tuple[dict, float]:
     """One window under the protocol; returns the subject's reply and the parent's wall milliseconds.
 
-    The parent's clock covers making the inputs too: work a subject hides there (computing the
-    answers while it "makes inputs") shows as time outside its timer, like work after it.
+    The parent's clock covers the subject making its inputs and running its calls, not the
+    trusted flush in between: work a subject hides in "making inputs" (computing the answers
+    there) shows as time outside its timer, like work after it.
     """
     started = time.perf_counter()
     expect(subject.request({"op": "prepare", "seeds": seeds}, timeout=timeout * len(seeds))[0], "making the inputs")
+    prepared_ms = (subject.last_arrival - started) * 1e3
     flusher.request({"op": "flush"}, timeout=timeout)
     subject.send(run_message, timeout=timeout * len(seeds))
+    started = time.perf_counter()
     reply, _ = subject.receive(timeout * len(seeds))
-    wall_ms = (subject.last_arrival - started) * 1e3
+    wall_ms = prepared_ms + (subject.last_arrival - started) * 1e3
     return expect(reply, "the call"), wall_ms
 
 

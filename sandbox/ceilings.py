@@ -18,15 +18,17 @@ def _median_ms(device: str, fn, repeats: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def measure(device: str) -> dict:
-    """Bandwidth from a large copy (bytes read plus written); rates from large matrix products."""
-    cuda = device.startswith("cuda")
-    elements = (1 << 28) if cuda else (1 << 25)
+def _copy_bandwidth(device: str, elements: int) -> float:
     source = torch.rand(elements, device=device)
     target = torch.empty_like(source)
     copy_ms = _median_ms(device, lambda: target.copy_(source))
-    bandwidth = 2 * source.numel() * 4 / (copy_ms * 1e-3)
-    del source, target
+    return 2 * source.numel() * 4 / (copy_ms * 1e-3)
+
+
+def measure(device: str) -> dict:
+    """Bandwidth from a large copy (bytes read plus written); rates from large matrix products."""
+    cuda = device.startswith("cuda")
+    bandwidth = _copy_bandwidth(device, (1 << 28) if cuda else (1 << 25))
     size = 4096 if cuda else 1024
     a = torch.rand(size, size, device=device)
     b = torch.rand(size, size, device=device)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 import random
 import sys
 import time
@@ -288,9 +287,14 @@ def poison_allocator(device: str, sizes: list[int]) -> None:
         for _ in range(2):
             block = torch.empty(nbytes, dtype=torch.uint8, device=device)
             words = nbytes // 4
-            if words:
-                block[: words * 4].view(torch.float32).fill_(float("nan"))
-            block[words * 4:].fill_(0xFF)
+            if block.device.type == "cpu":  # single-threaded: the cost must not depend on thread-pool state
+                raw = block.numpy()
+                raw[: words * 4].view(numpy.float32).fill(numpy.nan)
+                raw[words * 4:].fill(0xFF)
+            else:
+                if words:
+                    block[: words * 4].view(torch.float32).fill_(float("nan"))
+                block[words * 4:].fill_(0xFF)
             blocks.append(block)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
