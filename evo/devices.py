@@ -115,7 +115,10 @@ def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, 
                TORCHINDUCTOR_CACHE_DIR=str(home / "inductor"), CUPY_CACHE_DIR=str(home / "cupy"),
                NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                # Workers spinning after a parallel region would take the cores the parent's clock needs.
-               OMP_WAIT_POLICY="PASSIVE")
+               OMP_WAIT_POLICY="PASSIVE",
+               # Keep freed host memory in the process: otherwise each window pays page faults in
+               # proportion to what the previous one freed, which differs between the subjects.
+               MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 40))
     if device.arch:
         env["TORCH_CUDA_ARCH_LIST"] = device.arch
     env.update(extra)

@@ -3,7 +3,7 @@ from what it observed (timer consistency, speed of light, which kernels ran)."""
 
 from __future__ import annotations
 
-from evo.timing import Samples, timer_consistency
+from evo.timing import Samples, input_preparation, timer_consistency
 from evo.verdict import Check, Roofline, Timings
 
 # Margins over the measured ceilings before a time counts as faster than the device allows:
@@ -91,8 +91,8 @@ class Judgement:
     def timed(self, reference: Samples, candidate: Samples, timings: Timings, facts: dict, device,
               allow_reduced_precision: bool) -> None:
         self.passed("runs", "every call completed")
-        consistency = timer_consistency(reference, candidate)
-        self.by_name[consistency.name] = consistency
+        for check in (timer_consistency(reference, candidate, device.kind), input_preparation(reference, candidate)):
+            self.by_name[check.name] = check
         self.roofline = roofline(facts, timings.candidate.median_ms, device, allow_reduced_precision)
         limit = self.roofline.speed_of_light_ms
         if timings.candidate.median_ms < limit:

@@ -1,10 +1,10 @@
 """The timing protocol, driven from the parent, and the statistics of its samples.
 
 Calls are timed in windows of K. The subject makes K fresh input sets from seeds it learns
-only now; the trusted flusher process evicts the device cache, so every call reads inputs that
-nothing has touched since; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
+only now (the parent times this too); the trusted flusher process evicts the device cache, so
+every call reads inputs that nothing has touched since; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
 device events around each, synchronizes the whole device again, and replies with its times
-and a checksum of all outputs as they were then. The parent's clock covers the making of the inputs and the run, up to that reply. The outputs follow and the
+and a checksum of all outputs as they were then. The parent stops its clock at that reply. The outputs follow and the
 checker judges every one of them.
 
 The reference is timed by the same protocol, so the time it leaves outside its event windows
@@ -31,11 +31,14 @@ from evo.verdict import Check, TimingStats
 # jitter is small against it; but never more than MAX_WINDOW calls.
 WINDOW_TARGET_MS = 2.0
 MAX_WINDOW = 32
-# Unaccounted time per window may exceed the reference's by this much before the candidate's
-# timer is disbelieved. On an H200, honest candidates landed within 0.13 ms of the reference
-# per 32-call window with about 2.2 ms unaccounted; this bounds what a tampered timer hides.
-OVERHEAD_SLACK_MS = 0.1
-OVERHEAD_SLACK_FRACTION = 0.15  # of the reference's unaccounted time per window
+# Unaccounted time per window may exceed the reference's by (milliseconds, fraction of the
+# reference's) before the candidate's timer is disbelieved: this bounds what a tampered timer
+# hides. On an H200, honest candidates landed within 0.13 ms of the reference per 32-call
+# window with about 2.2 ms unaccounted; on a loaded 2-core CPU, within 0.3 ms per call.
+OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
+# Making a window's inputs may take the candidate's process this much longer than the reference's.
+PREPARE_FACTOR = 2.0
+PREPARE_SLACK_MS = 1.0
 
 
 class SubjectError(Exception):
@@ -45,13 +48,15 @@ class SubjectError(Exception):
 @dataclass
 class Samples:
     event_ms: list[float] = field(default_factory=list)  # each call, as the subject's timer reported it
-    window_wall_ms: list[float] = field(default_factory=list)  # each window, as the parent's clock saw it
+    window_wall_ms: list[float] = field(default_factory=list)  # each window's run, as the parent's clock saw it
     window_event_ms: list[float] = field(default_factory=list)  # each window, the sum of its calls' times
+    window_prepare_ms: list[float] = field(default_factory=list)  # each window's input making, parent's clock
 
-    def add_window(self, elapsed: list[float], wall_ms: float) -> None:
+    def add_window(self, elapsed: list[float], wall_ms: float, prepare_ms: float) -> None:
         self.event_ms.extend(elapsed)
         self.window_wall_ms.append(wall_ms)
         self.window_event_ms.append(sum(elapsed))
+        self.window_prepare_ms.append(prepare_ms)
 
     def dump(self, label: str) -> None:
         """Per-window figures, for studying the protocol's jitter (EVO_TIMING_DUMP=FILE)."""
@@ -71,11 +76,13 @@ class Samples:
                                                             for w in self.window_wall_ms))
 
     def overhead_ms(self) -> float:
-        """Time per window that the parent saw outside the subject's event windows: the lower
-        quartile, since an under-reporting timer shifts every window while the protocol's own
-        jitter (a context switch, a page fault) only adds outliers."""
-        unaccounted = sorted(w - e for w, e in zip(self.window_wall_ms, self.window_event_ms))
-        return unaccounted[len(unaccounted) // 4]
+        """Time per window's run that the parent saw outside the subject's event windows: the
+        lower quartile, since an under-reporting timer shifts every window while the protocol's
+        own jitter (a context switch, a page fault) only adds outliers."""
+        return lower_quartile([w - e for w, e in zip(self.window_wall_ms, self.window_event_ms)])
+
+    def prepare_ms(self) -> float:
+        return lower_quartile(self.window_prepare_ms)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,11 @@ def plan(reference_ms: float, budget_s: float, lowest: int, highest: int, max_wi
     return Plan(window=window, windows=max(3, math.ceil(calls / window)))
 
 
+def lower_quartile(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 4]
+
+
 def expect(reply: dict, doing: str) -> dict:
     if "error" in reply:
         raise SubjectError(f"{doing}: {reply['error']}")
@@ -102,31 +114,27 @@ def expect(reply: dict, doing: str) -> dict:
 
 
 def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
-                 timeout: float) -> tuple[dict, float]:
-    """One window under the protocol; returns the subject's reply and the parent's wall milliseconds.
-
-    The parent's clock covers the subject making its inputs and running its calls, not the
-    trusted flush in between: work a subject hides in "making inputs" (computing the answers
-    there) shows as time outside its timer, like work after it.
-    """
+                 timeout: float) -> tuple[dict, float, float]:
+    """One window under the protocol: the subject's reply, and the parent's milliseconds for the
+    run and for the making of the inputs (where a subject could hide work, such as computing
+    the answers)."""
     started = time.perf_counter()
     expect(subject.request({"op": "prepare", "seeds": seeds}, timeout=timeout * len(seeds))[0], "making the inputs")
-    prepared_ms = (subject.last_arrival - started) * 1e3
+    prepare_ms = (subject.last_arrival - started) * 1e3
     flusher.request({"op": "flush"}, timeout=timeout)
     subject.send(run_message, timeout=timeout * len(seeds))
     started = time.perf_counter()
     reply, _ = subject.receive(timeout * len(seeds))
-    wall_ms = prepared_ms + (subject.last_arrival - started) * 1e3
-    return expect(reply, "the call"), wall_ms
+    return expect(reply, "the call"), (subject.last_arrival - started) * 1e3, prepare_ms
 
 
 def time_reference(checker: SandboxProcess, flusher: SandboxProcess, windows: list[list[int]], model: str,
                    keep_expected: bool, timeout: float) -> Samples:
     samples = Samples()
     for seeds in windows:
-        reply, wall = timed_window(checker, flusher, seeds, {"op": "run", "model": model,
-                                                             "keep_expected": keep_expected}, timeout)
-        samples.add_window(reply["elapsed_ms"], wall)
+        reply, wall, prepare = timed_window(checker, flusher, seeds, {"op": "run", "model": model,
+                                                                      "keep_expected": keep_expected}, timeout)
+        samples.add_window(reply["elapsed_ms"], wall, prepare)
     return samples
 
 
@@ -138,10 +146,10 @@ def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: 
     `judge`. Both raise to stop at the first failure."""
     samples = Samples()
     for seeds in windows:
-        reply, wall = timed_window(candidate, flusher, seeds, {"op": "run", "send_outputs": True}, timeout)
+        reply, wall, prepare = timed_window(candidate, flusher, seeds, {"op": "run", "send_outputs": True}, timeout)
         details, payload = candidate.receive(timeout)
         expect(details, "describing the outputs")
-        samples.add_window(reply["elapsed_ms"], wall)
+        samples.add_window(reply["elapsed_ms"], wall, prepare)
         judge_details(details, reply)
         verdict, _ = checker.request({"op": "compare_timed", "seeds": seeds, "tensors": details["tensors"],
                                       "outputs": details["outputs"], "checksum": reply["checksum"]},
@@ -155,18 +163,19 @@ def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], 
     """Calls whose times are thrown away (module loading, JIT compilation, allocator growth)."""
     times = []
     for seed in seeds:
-        reply, _ = timed_window(subject, flusher, [seed], run_message, timeout)
+        reply, _, _ = timed_window(subject, flusher, [seed], run_message, timeout)
         if drain_details:
             expect(subject.receive(timeout)[0], "describing the outputs")
         times.extend(reply["elapsed_ms"])
     return times
 
 
-def timer_consistency(reference: Samples, candidate: Samples) -> Check:
+def timer_consistency(reference: Samples, candidate: Samples, device_kind: str) -> Check:
     """Per window, the time outside the event windows must not exceed the reference's: more
     means the timer under-reported, or work ran after it stopped."""
     ref_overhead, cand_overhead = reference.overhead_ms(), candidate.overhead_ms()
-    slack = OVERHEAD_SLACK_MS + OVERHEAD_SLACK_FRACTION * ref_overhead
+    slack_ms, slack_fraction = OVERHEAD_SLACK[device_kind]
+    slack = slack_ms + slack_fraction * ref_overhead
     median_event = statistics.median(candidate.event_ms)
     if cand_overhead > ref_overhead + slack:
         return Check(name="timer_consistency", passed=False, detail=(
@@ -177,3 +186,17 @@ def timer_consistency(reference: Samples, candidate: Samples) -> Check:
     return Check(name="timer_consistency", passed=True, detail=(
         f"event times agree with the parent's wall clock ({cand_overhead:.4f} ms per window outside the timer; "
         f"reference {ref_overhead:.4f} ms)"))
+
+
+def input_preparation(reference: Samples, candidate: Samples) -> Check:
+    """Making a window's inputs runs the task's own generator in both subjects; a candidate that
+    takes far longer is doing work there that its timer does not see. The bound is loose, since
+    generating inputs on a busy host jitters by milliseconds."""
+    ref_ms, cand_ms = reference.prepare_ms(), candidate.prepare_ms()
+    allowed = PREPARE_FACTOR * ref_ms + PREPARE_SLACK_MS
+    if cand_ms > allowed:
+        return Check(name="input_preparation", passed=False, detail=(
+            f"making a window's inputs took the candidate's process {cand_ms:.3f} ms, the reference's {ref_ms:.3f} ms "
+            f"(allowed {allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer"))
+    return Check(name="input_preparation", passed=True, detail=(
+        f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms"))
