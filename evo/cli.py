@@ -51,7 +51,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def policy_from(args: argparse.Namespace):
     overrides = {
         "device": args.device,
-        "memory_limit_bytes": int(args.memory_limit_gb * 2**30) if args.memory_limit_gb else None,
+        "memory_limit_bytes": int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None else None,
         "use_namespaces": False if args.no_namespaces else None,
     }
     if args.command == "verify":

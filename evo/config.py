@@ -5,7 +5,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(Exception):
@@ -26,12 +28,19 @@ class VerifyPolicy(BaseModel):
     max_timed_calls: int = Field(default=200, ge=3)
     warmup_calls: int = Field(default=3, ge=1)
     expected_memory_bytes: int = 2 << 30  # timed expected outputs kept by the checker; beyond, recomputed
-    build_timeout_s: float = 900.0
-    load_timeout_s: float = 600.0  # import and construction, including run-time compilation
-    call_timeout_s: float = 60.0  # one call
-    memory_limit_bytes: int | None = None  # resident memory of a sandbox; None: 3/4 of this machine's
+    build_timeout_s: float = Field(default=900.0, gt=0)
+    load_timeout_s: float = Field(default=600.0, gt=0)  # import and construction, including run-time compilation
+    call_timeout_s: float = Field(default=60.0, gt=0)  # one call
+    memory_limit_bytes: int | None = Field(default=None, gt=0)  # of a sandbox; None: 3/4 of this machine's
     use_namespaces: bool = True
     audit_task: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def known_device(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device; use cuda, cuda:N or cpu")
+        return value
 
 
 def load_policy(config_file: Path | None, overrides: dict) -> VerifyPolicy:
@@ -49,4 +58,5 @@ def load_policy(config_file: Path | None, overrides: dict) -> VerifyPolicy:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"setting {where!r} is invalid: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"setting {where!r} is invalid: {message}") from None

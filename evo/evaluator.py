@@ -23,6 +23,7 @@ class EvaluatorError(Exception):
     """The evaluation could not run (bad input, or the evaluator itself failed)."""
 
 
+TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 
 
@@ -46,6 +47,8 @@ class Evaluation:
         self.facts: dict = {}
         self.warnings: list[str] = []
         self.extension_calls = 0  # calls into the candidate's compiled extensions, seen in one call
+        self.phase = "load"  # the check a candidate process's crash or hang fails: load, then runs
+        self.doing = "the build"  # what was under way, for failure messages
 
     # ---- the whole run --------------------------------------------------------------------
 
@@ -77,11 +80,17 @@ class Evaluation:
         return self.verdict(outcome)
 
     def sandbox_failed(self, failure: SandboxFailure):
-        """A candidate's failure costs only its own verdict; a checker's failure is an evaluator error."""
-        if "checker" in str(failure):
-            return ("error", f"the reference process failed: {failure}")
-        name = {"timeout": "runs", "crashed": "runs", "memory": "memory", "protocol": "runs"}[failure.kind]
-        self.judgement.fail(name, str(failure))
+        """A candidate's failure costs only its own verdict; a trusted process's failure is an
+        evaluator error. Which one is decided by the process, never by what it printed."""
+        if failure.label in TRUSTED_SANDBOXES:
+            return ("error", f"the evaluator's {failure.label} failed: {failure}")
+        if failure.kind == "memory":
+            name = "memory"
+        elif failure.label == "build":
+            name = "build"
+        else:
+            name = self.phase
+        self.judgement.fail(name, f"{failure} (during {self.doing})")
         return None
 
     def sandbox(self, program: str, label: str, env_extra: dict[str, str]) -> SandboxProcess:
@@ -109,6 +118,7 @@ class Evaluation:
         self.runner = self.sandbox("candidate.py", "candidate process", {})
 
     def build(self) -> None:
+        self.doing = "the build"
         started = time.monotonic()
         builder = self.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": ""})
         reply, _ = builder.request({"candidate": str(self.candidate), "extensions_cache": str(self.extensions_cache()),
@@ -174,6 +184,7 @@ class Evaluation:
         self.timings.timing_s += time.monotonic() - started
 
     def load_candidate(self) -> None:
+        self.doing = "loading the candidate"
         started = time.monotonic()
         facts = self.task_facts
         loaded, _ = self.runner.request({
@@ -202,8 +213,10 @@ class Evaluation:
 
     def correctness(self) -> None:
         started = time.monotonic()
+        self.phase = "runs"
         for number, seed in enumerate(self.trial_seeds, 1):
             where = f"trial {number} of {len(self.trial_seeds)}"
+            self.doing = where
             reply = self.run_candidate(seed, {"op": "run", "send_outputs": True, "send_inputs": True}, where)
             details, payload = self.runner.receive(self.policy.call_timeout_s)
             self.judge_details(details, reply, where)
@@ -231,6 +244,7 @@ class Evaluation:
         return reply
 
     def time_candidate(self) -> None:
+        self.doing = "timing"
         started = time.monotonic()
         policy = self.policy
         self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
@@ -249,6 +263,7 @@ class Evaluation:
                              policy.allow_reduced_precision)
 
     def which_kernels(self) -> None:
+        self.doing = "the profiled call"
         reply, _ = self.runner.request({"op": "profile"}, timeout=self.policy.call_timeout_s)
         if "error" in reply:
             self.judgement.reject("runs", f"the profiled call raised {reply['error']}")

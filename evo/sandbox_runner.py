@@ -28,9 +28,10 @@ MEMORY_CHECK_INTERVAL_S = 0.2
 class SandboxFailure(Exception):
     """The sandboxed process ended or misbehaved; `kind` says how, the message says it in words."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, label: str):
         super().__init__(message)
         self.kind = kind  # timeout | crashed | memory | protocol
+        self.label = label  # which sandbox: decides whose failure it is, never the message text
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class SandboxProcess:
         self.arrivals: list[float] = []  # perf_counter when each frame's read began
         self.last_arrival = 0.0
         self.next_memory_check = 0.0
+        self.timeout = 0.0  # of the exchange under way, for the message if it runs out
 
     def start(self) -> "SandboxProcess":
         child_read, parent_write = os.pipe()
@@ -108,6 +110,7 @@ class SandboxProcess:
         return self.receive(timeout)
 
     def send(self, header: dict, payload: bytes | memoryview = b"", timeout: float = 60.0) -> None:
+        self.timeout = timeout
         deadline = time.monotonic() + timeout
         pending = [memoryview(part).cast("B") for part in wire.encode(header, payload)]
         while pending:
@@ -128,6 +131,7 @@ class SandboxProcess:
 
     def receive(self, timeout: float = 60.0) -> tuple[dict, bytearray]:
         """The next frame; `last_arrival` is the perf_counter time its first bytes were read."""
+        self.timeout = timeout
         deadline = time.monotonic() + timeout
         while not self.frames:
             self._pump(deadline, "waiting for a reply")
@@ -139,7 +143,8 @@ class SandboxProcess:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             self.kill()
-            raise SandboxFailure("timeout", f"the {self.label} did not answer in time ({doing})")
+            raise SandboxFailure("timeout", f"the {self.label} did not answer within {self.timeout:g} s ({doing})",
+                                 self.label)
         for key, _ in self.selector.select(min(remaining, 0.25)):
             if key.data == "write":
                 continue
@@ -164,7 +169,8 @@ class SandboxProcess:
                         self.read_started = read_at
                 except ValueError as err:
                     self.kill()
-                    raise SandboxFailure("protocol", f"the {self.label} broke the message protocol ({err})") from None
+                    raise SandboxFailure("protocol", f"the {self.label} broke the message protocol ({err})",
+                                         self.label) from None
             else:
                 key.data.add(data)
         self._check_memory()
@@ -179,7 +185,7 @@ class SandboxProcess:
         if resident > self.limits.memory_bytes:
             self.kill()
             raise SandboxFailure("memory", f"the {self.label} used {resident / 2**30:.1f} GiB of memory, over the "
-                                 f"limit of {self.limits.memory_bytes / 2**30:.1f} GiB, and was stopped")
+                                 f"limit of {self.limits.memory_bytes / 2**30:.1f} GiB, and was stopped", self.label)
 
     def _raise_ended(self) -> None:
         code = self.proc.wait(timeout=30)
@@ -188,7 +194,7 @@ class SandboxProcess:
             how = f"was killed by signal {signal.Signals(-code).name}"
         else:
             how = f"exited with code {code}"
-        raise SandboxFailure("crashed", f"the {self.label} {how}{crash_hint(self.stderr.text())}")
+        raise SandboxFailure("crashed", f"the {self.label} {how}{crash_hint(self.stderr.text())}", self.label)
 
     # ---- ending -----------------------------------------------------------------------------
 

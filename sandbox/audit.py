@@ -13,9 +13,16 @@ CONSTANT_SPREAD = 1e-6
 
 
 def spread(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the larger magnitude; infinite where the NaN/Inf patterns differ."""
     a, b = a.double(), b.double()
-    scale = max(float(a.abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0, 1e-30)
-    return float((a - b).abs().max()) / scale if a.numel() else 0.0
+    if a.shape != b.shape or not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+        return float("inf")
+    finite = torch.isfinite(a)
+    a, b = a[finite], b[finite]
+    if not a.numel():
+        return 0.0
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+    return float((a - b).abs().max()) / scale
 
 
 def audit_task(make_inputs, call_reference, seeds: list[int]) -> list[str]:
@@ -28,7 +35,7 @@ def audit_task(make_inputs, call_reference, seeds: list[int]) -> list[str]:
     warnings = []
     first_inputs, first_outputs = runs[0]
     for position, out in enumerate(first_outputs):
-        if not out.is_floating_point() or out.numel() == 0:
+        if out.numel() == 0:
             continue
         if out.numel() > 1 and spread(out, out.reshape(-1)[0].expand_as(out)) <= CONSTANT_SPREAD:
             warnings.append(f"output {position} is nearly constant ({out.reshape(-1)[0].item():.4g} everywhere): "
