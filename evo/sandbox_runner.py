@@ -7,6 +7,7 @@ No threads: one selector loop drains the child's output while frames come and go
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import selectors
@@ -23,6 +24,53 @@ from evo.sandbox import wire
 SANDBOX_DIR = Path(wire.__file__).resolve().parent
 OUTPUT_KEEP = 32 * 1024  # bytes of the child's stdout/stderr kept, head and tail each
 MEMORY_CHECK_INTERVAL_S = 0.2
+
+
+_LIVE_SANDBOXES: set[int] = set()  # pids of the sandbox leaders this process started and has not reaped
+
+
+def become_subreaper() -> None:
+    """Make orphans of our sandboxes (a double fork with setsid escapes a process group) become
+    our children rather than init's, so they can be found and killed when a sandbox ends."""
+    try:
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def kill_adopted_orphans(since: int) -> None:
+    """Kill the children of ours that a sandbox left behind: not a live sandbox leader, and
+    marked as sandboxed or started after `since` (clock ticks since boot, as /proc counts)."""
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            children = [int(pid) for pid in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        for pid in children:
+            if pid in _LIVE_SANDBOXES or not (_is_sandboxed(pid) or start_ticks(pid) >= since):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError, PermissionError):
+                pass
+
+
+def start_ticks(pid: int) -> int:
+    """When a process started, in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _is_sandboxed(pid: int) -> bool:
+    """Whether a process carries the marker every sandbox's environment has."""
+    try:
+        return b"EVO_SANDBOX=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
 
 class SandboxFailure(Exception):
@@ -82,10 +130,13 @@ class SandboxProcess:
         child_read, parent_write = os.pipe()
         parent_read, child_write = os.pipe()
         command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
+        become_subreaper()
         self.proc = subprocess.Popen(
-            command, cwd=self.workdir, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, pass_fds=(child_read, child_write), start_new_session=True,
+            command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_read, child_write), start_new_session=True,
             preexec_fn=self._apply_limits)
+        _LIVE_SANDBOXES.add(self.proc.pid)
+        self.started_ticks = start_ticks(self.proc.pid)
         os.close(child_read)
         os.close(child_write)
         self.to_child, self.from_child = parent_write, parent_read
@@ -209,6 +260,8 @@ class SandboxProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
+        _LIVE_SANDBOXES.discard(self.proc.pid)
+        kill_adopted_orphans(self.started_ticks)
         self._drain()
 
     def _drain(self) -> None:

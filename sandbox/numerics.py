@@ -10,10 +10,14 @@ import torch
 
 import harness
 
-# How many times the fp32 reference's own error an honest fp32 candidate may reach:
-# another summation order or another exp implementation lands within a few times of it.
+# How many times the fp32 reference's own error an honest fp32 candidate may reach.
 ERROR_FACTOR = 16.0
-# How many machine epsilons of the output dtype are always tolerated, relative to the output's scale.
+# The error always tolerated, relative to the output's scale. For 32-bit outputs it is what an
+# honest fp32 kernel reaches with the plainest summation order: a sequential sum of 65536
+# normal values lands near 6e-6 against float64, ten to fifty times torch's own reductions,
+# while TF32 (~3e-4) and bf16 or fp16 arithmetic (~1e-3 and up) stay far above it.
+FP32_FLOOR = 1e-5
+# For 16-bit outputs: this many machine epsilons of their dtype.
 EPSILON_FLOOR = 8.0
 # What reduced precision (TF32, bf16 operands, fast math) is allowed to reach when the user permits it.
 REDUCED_PRECISION_ERROR = 2e-2
@@ -92,9 +96,15 @@ def nonfinite_mismatch(value: torch.Tensor, truth: torch.Tensor) -> int | None:
     return None
 
 
+def error_floor(dtype: torch.dtype) -> float:
+    if torch.finfo(dtype).bits >= 32:
+        return FP32_FLOOR
+    return EPSILON_FLOOR * torch.finfo(dtype).eps
+
+
 def tolerance_for(ref32: torch.Tensor, ref64: torch.Tensor | None, policy: dict) -> dict:
     """The error an honest candidate may reach on this output, from the fp32 reference's own error."""
-    floor = EPSILON_FLOOR * torch.finfo(ref32.dtype).eps
+    floor = error_floor(ref32.dtype)
     if ref64 is None:
         base_l2 = base_max = floor
     else:
@@ -154,7 +164,7 @@ def check_timed_values(outputs: list, expected32: list, tolerance: dict | None) 
         if nonfinite_mismatch(out, ref) is not None:
             return result("timed_outputs", False, f"output {position} of a timed call has NaN or Inf where the "
                           "reference does not (unwritten or stale memory during timing)")
-        limit = 2 * (tolerance or {"l2": EPSILON_FLOOR * torch.finfo(ref.dtype).eps})["l2"]
+        limit = 2 * (tolerance or {"l2": error_floor(ref.dtype)})["l2"]
         l2, _, worst = relative_errors(out, ref)
         if l2 > limit:
             return result("timed_outputs", False,

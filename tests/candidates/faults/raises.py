@@ -1,0 +1,8 @@
+"""Fault: forward raises."""
+
+import torch.nn as nn
+
+
+class ModelNew(nn.Module):
+    def forward(self, x):
+        raise ValueError("evo-fault: forward refuses to work")

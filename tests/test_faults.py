@@ -1,0 +1,332 @@
+"""Candidates that crash, hang, exit, flood, exhaust memory or escape (CPU versions).
+
+Each fault must end in a clean verdict naming the check, within its time limit, leave no
+process behind, and the next verification in this same Python process must still work
+(invariant 4 of DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLE_TASKS, ROOT, failed_names
+
+FAULTS = ROOT / "tests" / "candidates" / "faults"
+RELU = EXAMPLE_TASKS / "relu.py"
+HONEST = ROOT / "examples" / "candidates" / "relu_cpu.py"
+
+CALL_TIMEOUT = 3.0
+# Timeouts of a faulty run: small, so hangs end fast; the load limit also covers the reference's start-up.
+FAULT_POLICY = dict(device="cpu", call_timeout_s=CALL_TIMEOUT, load_timeout_s=60, build_timeout_s=300, trials=1)
+# The honest follow-up: one correctness trial, the fixture's short timing budget.
+HONEST_POLICY = dict(device="cpu", trials=1)
+# Start-up of the checker and candidate processes plus the calls before the fault, on a slow shared machine.
+SLACK_S = 40.0
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# ---- processes, seen through /proc -----------------------------------------------------------
+
+def live_processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process that is not a zombie."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(root: int) -> list[int]:
+    table = live_processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+
+
+def describe(pid: int) -> str:
+    return command_line(pid)[:300]
+
+
+def processes_mentioning(token: str) -> list[int]:
+    """Live processes (other than this one) whose whole command line contains token."""
+    return [pid for pid in live_processes() if pid != os.getpid() and token in command_line(pid)]
+
+
+def assert_no_process_left() -> None:
+    deadline = time.monotonic() + 5
+    while (left := descendants(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, "processes left behind by the verification: " + "; ".join(f"{p}: {describe(p)}" for p in left)
+
+
+# ---- the shared shape of a fault test -------------------------------------------------------------
+
+@pytest.fixture
+def honest_next(run_verify):
+    """After a fault: no process behind, and the next verification in this process still works."""
+
+    def check() -> None:
+        assert_no_process_left()
+        for _ in range(3):  # timer_consistency alone can fail an honest run on a loaded 2-core machine: retry
+            verdict = run_verify(RELU, HONEST, **HONEST_POLICY)
+            if failed_names(verdict) != ["timer_consistency"]:
+                break
+        assert verdict.verdict == "verified", (verdict.summary, failed_names(verdict))
+        assert_no_process_left()
+
+    return check
+
+
+def run_fault(run_verify, name: str, **policy):
+    settings = {**FAULT_POLICY, **policy}
+    started = time.monotonic()
+    verdict = run_verify(RELU, FAULTS / name, **settings)
+    return verdict, time.monotonic() - started
+
+
+def only_failure(verdict):
+    """The first failed check of a rejected verdict, which its summary must name."""
+    assert verdict.verdict == "rejected", verdict.summary
+    failed = verdict.failed()
+    assert failed, f"a rejected verdict names no failed check: {verdict.summary}"
+    assert verdict.summary.startswith(f"rejected by check {failed[0].name}:")
+    return failed[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_build(cache_dir):
+    """Build the honest example and measure the CPU ceilings once, so that no fault test pays for them
+    inside its time bound."""
+    from evo.config import VerifyPolicy
+    from evo.evaluator import verify
+
+    verify(RELU, HONEST, VerifyPolicy(**HONEST_POLICY), cache_dir=cache_dir)
+
+
+# ---- files that cannot be used, and a forward that raises ---------------------------------------
+
+def test_syntax_error_is_rejected_by_build(run_verify):
+    verdict, _ = run_fault(run_verify, "syntax_error.py")
+    check = only_failure(verdict)
+    assert check.name in ("build", "load")
+    assert "syntax error" in check.detail and "line 6" in check.detail
+    assert "Traceback" not in check.detail
+    assert_no_process_left()
+
+
+def test_missing_modelnew_is_rejected_by_load(run_verify):
+    verdict, _ = run_fault(run_verify, "no_modelnew.py")
+    check = only_failure(verdict)
+    assert check.name == "load"
+    assert "ModelNew" in check.detail
+    assert_no_process_left()
+
+
+def test_compile_error_is_rejected_by_build_with_the_compiler_line(run_verify):
+    verdict, _ = run_fault(run_verify, "compile_error.py")
+    check = only_failure(verdict)
+    assert check.name == "build"
+    assert "failed to compile" in check.detail
+    error_lines = [line for line in check.detail.splitlines()
+                   if "error" in line and "evo_fault_undeclared_name" in line]
+    assert error_lines, f"the compiler's error line is missing from the detail:\n{check.detail}"
+    assert "main.cpp:3:" in error_lines[0]  # file and line of the fault
+    assert_no_process_left()
+
+
+def test_forward_that_raises_is_rejected_by_runs(run_verify):
+    verdict, _ = run_fault(run_verify, "raises.py")
+    check = only_failure(verdict)
+    assert check.name == "runs"
+    assert "ValueError" in check.detail and "evo-fault: forward refuses to work" in check.detail
+    assert "trial 1" in check.detail and "raises.py, line 8" in check.detail
+    assert_no_process_left()
+
+
+# ---- crashes and exits ----------------------------------------------------------------------------
+
+def test_segfault_in_forward_is_rejected_by_runs(run_verify, honest_next):
+    verdict, elapsed = run_fault(run_verify, "segfault.py")
+    check = only_failure(verdict)
+    assert check.name == "runs"
+    assert "SIGSEGV" in check.detail or "segmentation fault" in check.detail
+    assert "candidate process" in check.detail
+    assert elapsed < SLACK_S
+    honest_next()
+
+
+def test_os_exit_in_forward_is_rejected_by_runs(run_verify, honest_next):
+    verdict, elapsed = run_fault(run_verify, "exit_zero.py")
+    check = only_failure(verdict)
+    assert check.name == "runs"
+    assert "exited with code 0" in check.detail
+    assert elapsed < SLACK_S
+    honest_next()
+
+
+def test_candidate_crash_is_not_blamed_on_the_checker(run_verify):
+    verdict, _ = run_fault(run_verify, "exit_blames_checker.py")
+    assert verdict.verdict == "rejected", verdict.summary
+    assert failed_names(verdict) == ["runs"]
+    assert "exited with code 3" in verdict.failed()[0].detail
+
+
+def test_crash_at_import_is_a_build_failure(run_verify):
+    verdict, _ = run_fault(run_verify, "segfault_at_import.py")
+    assert verdict.verdict == "rejected", verdict.summary
+    assert failed_names(verdict) in (["build"], ["load"])
+    assert "SIGSEGV" in verdict.failed()[0].detail
+
+
+# ---- hangs -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["hang_loop.py", "hang_native.py"])  # hang_sleep.py: see below
+def test_hanging_forward_times_out_as_runs(run_verify, honest_next, name):
+    verdict, elapsed = run_fault(run_verify, name)
+    check = only_failure(verdict)
+    assert check.name == "runs"
+    assert "did not answer within" in check.detail and "candidate process" in check.detail
+    assert CALL_TIMEOUT <= elapsed < CALL_TIMEOUT + SLACK_S
+    assert verdict.isolation is not None and verdict.isolation.call_timeout_s == CALL_TIMEOUT
+    honest_next()
+
+
+def test_hanging_constructor_times_out(run_verify, honest_next):
+    load_timeout = 15.0
+    verdict, elapsed = run_fault(run_verify, "hang_init.py", load_timeout_s=load_timeout)
+    check = only_failure(verdict)
+    assert check.name == "load"  # it hung before any call
+    assert "did not answer within" in check.detail
+    assert load_timeout <= elapsed < load_timeout + SLACK_S
+    honest_next()
+
+
+def test_timeout_detail_names_the_call_and_the_limit(run_verify):
+    verdict, _ = run_fault(run_verify, "hang_sleep.py", call_timeout_s=2)
+    assert failed_names(verdict) == ["runs"], verdict.summary
+    detail = verdict.failed()[0].detail
+    assert "trial 1" in detail
+    assert "2 s" in detail or "2.0 s" in detail or "2 seconds" in detail
+
+
+# ---- memory and output ---------------------------------------------------------------------------
+
+def test_memory_hog_is_stopped_by_the_memory_check(run_verify, honest_next):
+    limit = 2 * 2**30
+    # 64 MiB every 0.1 s: the limit is passed after about 3 s, inside a generous call timeout.
+    verdict, elapsed = run_fault(run_verify, "memory_hog.py", memory_limit_bytes=limit, call_timeout_s=60)
+    check = only_failure(verdict)
+    assert check.name == "memory", check.detail
+    assert "over the limit of 2.0 GiB" in check.detail and "candidate process" in check.detail
+    assert verdict.isolation.memory_limit_bytes == limit
+    assert elapsed < 30 + SLACK_S
+    honest_next()
+
+
+def test_flood_then_correct_answer_is_verified(run_verify, honest_next, capfd):
+    """16 MiB printed on the first call change nothing: the verdict is the kernel's, and the
+    flood stays in the sandbox (it does not reach this process's stdout or stderr)."""
+    # Draining 16 MiB through pipes on a loaded 2-core machine can take seconds: a call limit well above that.
+    for _ in range(3):  # timer_consistency alone can fail an honest run on a loaded 2-core machine: retry
+        verdict, _ = run_fault(run_verify, "flood_then_correct.py", call_timeout_s=60)
+        if failed_names(verdict) != ["timer_consistency"]:
+            break
+    assert verdict.verdict == "verified", (verdict.summary, failed_names(verdict))
+    out, err = capfd.readouterr()
+    assert len(out) + len(err) < 64 * 1024 and "evo-fault-flood" not in out + err
+    honest_next()
+
+
+def test_endless_flood_times_out_as_runs(run_verify, honest_next, capfd):
+    verdict, elapsed = run_fault(run_verify, "flood_forever.py")
+    check = only_failure(verdict)
+    assert check.name == "runs"
+    assert "did not answer within" in check.detail
+    assert len(check.detail) < 4096  # the flood is not pasted into the verdict
+    assert CALL_TIMEOUT <= elapsed < CALL_TIMEOUT + SLACK_S
+    out, err = capfd.readouterr()
+    assert "evo-fault-flood" not in out + err
+    honest_next()
+
+
+# ---- a child that escapes into its own session ----------------------------------------------------
+
+def run_escape(run_verify, tmp_path: Path, **policy):
+    candidate = tmp_path / "escape_setsid.py"
+    shutil.copy(FAULTS / "escape_setsid.py", candidate)
+    marker = tmp_path / "escapee.marker"
+    # The forward waits for the escapee's first sign of life, which takes a Python start-up.
+    verdict = run_verify(RELU, candidate, **{**FAULT_POLICY, "call_timeout_s": 30, **policy})
+    return verdict, marker
+
+
+def assert_escapee_gone(marker: Path) -> None:
+    """No process with the escapee's token in its command line; its marker file (where the sandbox's
+    file system let it write one) is no longer growing."""
+    deadline = time.monotonic() + 5
+    while processes_mentioning(str(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = processes_mentioning(str(marker))
+    assert not left, f"the escaped child is still running: {[describe(pid) for pid in left]}"
+    if marker.exists():
+        size = marker.stat().st_size
+        time.sleep(0.5)
+        assert marker.stat().st_size == size, "the marker file is still being written"
+
+
+def kill_escapees(marker: Path) -> None:
+    for pid in processes_mentioning(str(marker)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_escaped_child_dies_with_the_sandbox(run_verify, honest_next, tmp_path):
+    try:
+        verdict, marker = run_escape(run_verify, tmp_path)
+        if not verdict.isolation.pid_namespace:
+            pytest.skip("no PID namespace on this machine; see test_escaped_child_dies_without_namespaces")
+        check = only_failure(verdict)
+        assert check.name == "runs" and "escaped child started" in check.detail  # the escape happened
+        assert_escapee_gone(marker)
+    finally:
+        kill_escapees(tmp_path / "escapee.marker")
+    honest_next()
+
+
+def test_escaped_child_dies_without_namespaces(run_verify, tmp_path):
+    try:
+        verdict, marker = run_escape(run_verify, tmp_path, use_namespaces=False)
+        assert verdict.isolation.method == "process-group" and not verdict.isolation.pid_namespace
+        assert failed_names(verdict) == ["runs"] and "escaped child started" in verdict.failed()[0].detail
+        assert_escapee_gone(marker)
+    finally:
+        kill_escapees(tmp_path / "escapee.marker")
