@@ -30,7 +30,7 @@ from evo.config import VerifyPolicy  # noqa: E402
 from evo.evaluator import verify  # noqa: E402
 
 PAIRS = {
-    "cuda": [("examples/tasks/relu.py", "examples/candidates/relu_cuda.py"),
+    "cuda": [
              ("tests/tasks/cuda_softmax.py", "tests/candidates/cuda/honest_softmax.py"),
              ("tests/tasks/cuda_matmul.py", "tests/candidates/cuda/honest_matmul_tiled.py")],
     "cpu": [("examples/tasks/relu.py", "examples/candidates/relu_cpu.py"),
