@@ -1,0 +1,36 @@
+"""Cheat: -ffast-math spelled out as its component flags (-fassociative-math -freciprocal-math
+-fno-signed-zeros -fno-trapping-math, i.e. -funsafe-math-optimizations), none of which is on
+the evaluator's list of refused flags.
+Meant to be caught by: compiler_flags. The refused list matches a few spellings only: a hole.
+"""
+
+import torch
+import torch.nn as nn
+from torch.utils.cpp_extension import load_inline
+
+SOURCE = r"""
+#include <pybind11/pybind11.h>
+#include <cstdint>
+
+void relu(std::uintptr_t in, std::uintptr_t out, int64_t n) {
+    const float* x = reinterpret_cast<const float*>(in);
+    float* y = reinterpret_cast<float*>(out);
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] > 0.f ? x[i] : 0.f;
+}
+"""
+
+ext = load_inline("evo_cpu_split_fast_math", cpp_sources=SOURCE, functions=["relu"],
+                  extra_cflags=["-O2", "-fassociative-math", "-freciprocal-math", "-fno-signed-zeros",
+                                "-fno-trapping-math"],
+                  no_implicit_headers=True, with_pytorch_error_handling=False)
+
+
+class ModelNew(nn.Module):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        ext.relu(x.data_ptr(), y.data_ptr(), x.numel())
+        return y

@@ -1,0 +1,303 @@
+"""The CPU corpus: cheating C++ candidates, each rejected by the check meant for it, and honest
+candidates, each verified (DESIGN.md: every cheat ever found becomes a permanent test).
+
+Every file in tests/candidates/cpu starts with a docstring that names its cheat and the check
+that must catch it. To keep the session's build time small (a torch extension costs ~18 s on a
+2-core machine), the cheats share one extension (evo_cpu_cheat_kit) and the honest candidates
+another (evo_cpu_honest_kit): every copy of a kit is the same name, source and flags, so it is
+compiled once per session. The compiler-flag cheats use tiny pybind11-only sources (~5 s each)
+or are refused before anything compiles. test_build_budget keeps it that way.
+
+Tests marked xfail(strict=True) are holes the evaluator has today: each asserts what the
+evaluator should do, so it starts failing (XPASS) the day the hole is closed; then drop the mark.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU_CANDIDATES, TASKS, failed_names
+from evo import isolation
+from evo.config import VerifyPolicy
+from evo.evaluator import verify
+from evo.sandbox.hooks import REDUCED_PRECISION_FLAGS
+from evo.verdict import Verdict
+
+RELU = TASKS / "cpu_relu.py"  # 16 x 16384 fp32 (1 MiB)
+MATMUL = TASKS / "cpu_matmul.py"  # 256^3 fp32
+MATMUL_SMALL = TASKS / "cpu_matmul_small.py"  # 128^3 fp32: tens of microseconds
+ROW_SUM = TASKS / "cpu_row_sum.py"  # 64 x 16384 -> 64: a reduction
+SOFTMAX = TASKS / "cpu_softmax.py"
+ARGMAX = TASKS / "cpu_argmax.py"  # int64 output
+FMA3 = TASKS / "cpu_fma3.py"  # three inputs
+MINMAX = TASKS / "cpu_minmax.py"  # two outputs
+LINEAR_RELU = TASKS / "cpu_linear_relu.py"  # two ops, with parameters
+SHIFTED_RELU_BIG = TASKS / "cpu_shifted_relu_big.py"  # 36 MB output, nearly all zeros
+
+BIG_POLICY = {"min_timed_calls": 3, "max_timed_calls": 6}
+
+# At most this many distinct extensions may be compiled by the whole CPU corpus.
+BUILD_BUDGET = 10
+
+
+def explain(verdict: Verdict) -> str:
+    checks = "; ".join(f"{c.name}={'ok' if c.passed else 'FAILED: ' + c.detail}" for c in verdict.checks)
+    return f"{verdict.verdict}: {verdict.summary}\n  checks: {checks}"
+
+
+def passed_names(verdict: Verdict) -> list[str]:
+    return [check.name for check in verdict.checks if check.passed]
+
+
+PROFILE = isolation.probe()
+# Where the OS refuses the namespaces, the evaluator says so in every verdict and these cannot hold.
+needs_read_only = pytest.mark.skipif(not PROFILE.read_only_filesystem, reason=(
+    "this machine cannot make a sandbox's filesystem read-only (the verdict's isolation notes say so)"))
+needs_pid_namespace = pytest.mark.skipif(not PROFILE.pid_namespace, reason=(
+    "this machine gives sandboxes no PID namespace: other processes are visible (the verdict says so)"))
+
+
+def hole(reason: str):
+    return pytest.mark.xfail(strict=True, reason=f"hole: {reason}")
+
+
+def bug(reason: str):
+    return pytest.mark.xfail(strict=True, reason=f"bug: {reason}")
+
+
+# ---- cheats ------------------------------------------------------------------------------------
+
+# (candidate, task, checks meant to catch it (any one of them), checks that must have passed, policy)
+CHEATS = [
+    # Stale or unwritten output memory (KernelBench / AI CUDA Engineer, 2025).
+    ("stale_empty", RELU, ("output_written",), (), {}),
+    ("free_and_empty", RELU, ("output_written", "values"), (), {}),  # values: the poison lost to a freed block
+    ("partial_write", RELU, ("output_written",), (), {}),
+    pytest.param("zeros_for_free", SHIFTED_RELU_BIG, ("output_written",), (), BIG_POLICY, marks=hole(
+        "outputs over glibc's 32 MB mmap threshold are always fresh zero pages on the CPU; a kernel that skips "
+        "writing zeros is verified")),
+    # Inputs written by the call (KernelBench's input zeroing) and outputs that are the inputs.
+    ("input_zeroing", RELU, ("inputs_unchanged",), (), {}),
+    ("inplace_then_clone", RELU, ("inputs_unchanged",), ("values",), {}),
+    ("inplace_returns_input", RELU, ("output_aliasing",), (), {}),
+    ("returns_input_view", RELU, ("output_aliasing",), (), {}),
+    # Work after the call returns: the CPU analogue of a side stream.
+    ("background_thread_late", RELU, ("output_written",), (), {}),
+    ("background_thread_joined", RELU, ("output_binding",), (), {}),
+    ("background_thread_checksum", RELU, ("timer_consistency",), ("values", "output_binding"), {}),
+    # Theft of the expected output (each is a canary: a successful theft is verified).
+    ("gc_theft", RELU, ("values",), (), {}),
+    ("frame_theft", RELU, ("values",), (), {}),
+    pytest.param("proc_theft", RELU, ("values",), (), {}, marks=needs_pid_namespace),
+    ("patched_comparisons", RELU, ("values",), (), {}),
+    ("input_generator_patch", RELU, ("values",), (), {}),
+    # Not a plain dense tensor on the right device.
+    ("lazy_subclass", RELU, ("output_type",), (), {}),
+    ("lazy_forged_type", RELU, ("output_type", "timer_consistency"), (), {}),
+    ("numpy_output", RELU, ("output_type",), (), {}),
+    pytest.param("sparse_output", RELU, ("output_type",), (), {}, marks=bug(
+        "the runner computes the checksum (.contiguous()) before describing the outputs, so a sparse output "
+        "raises inside the runner and is reported as 'runs: ModelNew.forward raised ...'")),
+    pytest.param("meta_output", RELU, ("output_device",), (), {}, marks=bug(
+        "the runner's checksum calls .item() on the meta tensor before the outputs are described, so it is "
+        "reported as 'runs: ModelNew.forward raised ...' instead of output_device")),
+    ("wrong_shape", RELU, ("output_shape",), (), {}),
+    ("wrong_dtype", RELU, ("output_shape",), (), {}),
+    # Timers and the timing protocol.
+    ("timer_patch", RELU, ("timer_consistency",), ("values",), {}),
+    ("timer_patch_small", RELU, ("timer_consistency",), ("values",), {}),
+    ("forged_reply", RELU, ("timer_consistency",), ("values",), {}),
+    ("prepare_hook_instant", MATMUL, ("speed_of_light",), ("values", "timed_outputs"), {}),
+    ("prepare_hook_padded", MATMUL, ("input_preparation",), ("values", "timed_outputs"), {}),
+    pytest.param("prepare_hook_small", MATMUL_SMALL, ("input_preparation",), ("values", "timed_outputs"), {},
+                 marks=hole("the input_preparation bound (2x the reference's time + 1 ms) is looser than the whole "
+                            "work of a small task: torch.matmul of 128^3 done while inputs are made is not seen, and "
+                            "the copy forward returns is above the speed of light")),
+    # Caches and stored answers.
+    ("shape_cache", RELU, ("values",), (), {}),
+    ("precomputed_constant", RELU, ("values",), (), {}),
+    ("seed_prediction", RELU, ("values",), (), {}),
+    ("correct_then_garbage", RELU, ("timed_outputs",), ("values",), {}),
+    ("phase_detect_frames", RELU, ("timed_outputs",), ("values",), {}),
+    # Precision.
+    ("bf16_matmul", MATMUL, ("values",), (), {}),
+    ("approximate_sum", ROW_SUM, ("values",), (), {}),
+    ("nan_output", RELU, ("values",), (), {}),
+    ("fast_math_flags", RELU, ("compiler_flags",), (), {}),
+    ("ofast_flags", RELU, ("compiler_flags",), (), {}),
+    pytest.param("pragma_fast_math", RELU, ("compiler_flags",), (), {}, marks=hole(
+        "#pragma GCC optimize(\"fast-math\") in the source is not inspected; only the flag lists are")),
+    pytest.param("split_fast_math_flags", RELU, ("compiler_flags",), (), {}, marks=hole(
+        "-fassociative-math -freciprocal-math -fno-signed-zeros -fno-trapping-math are not on the refused list")),
+    pytest.param("hook_bypass_fast_math", RELU, ("compiler_flags",), (), {}, marks=hole(
+        "load_inline.__wrapped__ (left by functools.wraps) is the unguarded original: no flag check, no cache")),
+    pytest.param("flags_via_cxx_env", RELU, ("compiler_flags",), (), {}, marks=hole(
+        "CXX set to a wrapper script that adds -ffast-math is not inspected, and the cache key ignores it")),
+    ("tf32_at_import", RELU, ("global_flags",), (), {}),
+    ("matmul_precision_in_forward", MATMUL, ("global_flags",), (), {}),
+    pytest.param("mkldnn_bf16_flag", MATMUL, ("global_flags",), (), {}, marks=bug(
+        "after torch.backends.mkldnn.matmul.fp32_precision is set, torch.get_float32_matmul_precision() raises "
+        "(legacy and new APIs mixed), so read_numeric_flags fails and the candidate is rejected by 'load'; the "
+        "per-backend fp32_precision settings are not read at all")),
+    pytest.param("flush_denormal", RELU, ("global_flags",), (), {}, marks=hole(
+        "set_flush_denormal is pinned off but never read back")),
+    pytest.param("hidden_flag_change", RELU, ("global_flags",), (), {}, marks=hole(
+        "the changed-flags report is computed inside the candidate process (Runner.changed_flags), which the "
+        "candidate can replace")),
+    # Whose code ran.
+    ("pure_pytorch", RELU, ("custom_code",), ("values",), {}),
+    pytest.param("noop_extension", RELU, ("custom_code",), ("values",), {}, marks=hole(
+        "one call into any extension function counts as 'custom code ran'; on the CPU nothing measures how much "
+        "of the call the extension accounts for")),
+]
+
+
+def named(entries: list) -> list:
+    """pytest parameters with the candidate's name as the test id."""
+    return [pytest.param(*entry.values, marks=entry.marks, id=entry.values[0]) if hasattr(entry, "values")
+            else pytest.param(*entry, id=entry[0]) for entry in entries]
+
+
+@pytest.mark.parametrize("candidate, task, meant, must_pass, policy", named(CHEATS))
+def test_cheat_is_rejected_by_its_check(run_verify, candidate, task, meant, must_pass, policy):
+    verdict = run_verify(task, CPU_CANDIDATES / f"{candidate}.py", device="cpu", **policy)
+    failed = failed_names(verdict)
+    assert verdict.verdict == "rejected", explain(verdict)
+    assert set(meant) & set(failed), f"expected a failure of {meant}; " + explain(verdict)
+    for check in verdict.failed():
+        assert check.detail.strip(), f"check {check.name} failed without saying why"
+    for name in must_pass:
+        assert name in passed_names(verdict), f"{name} should have passed (caught where meant); " + explain(verdict)
+
+
+# ---- honest candidates -------------------------------------------------------------------------
+
+HONEST = [
+    ("honest_relu", RELU),
+    ("honest_matmul", MATMUL),
+    ("honest_transposed_output", MATMUL),  # a non-contiguous output
+    ("honest_view_of_buffer", RELU),  # a view into a larger, partly unwritten buffer
+    ("honest_row_sum_random_order", ROW_SUM),  # summation order differs every call
+    ("honest_softmax_workspace", SOFTMAX),  # torch.empty workspace, written before read
+    ("honest_argmax", ARGMAX),  # int64 output
+    ("honest_fma3", FMA3),  # three inputs
+    ("honest_minmax", MINMAX),  # two outputs
+    ("honest_linear_relu", LINEAR_RELU),  # two ops with parameters
+    ("honest_slow_sleep", RELU),  # slow is not cheating
+]
+
+
+@pytest.mark.parametrize("candidate, task", named(HONEST))
+def test_honest_candidate_is_verified(run_verify, candidate, task):
+    verdict = run_verify(task, CPU_CANDIDATES / f"{candidate}.py", device="cpu")
+    assert verdict.verdict == "verified", explain(verdict)
+    assert not failed_names(verdict)
+    assert verdict.speedup is not None and verdict.speedup > 0
+
+
+def test_content_keyed_cache_never_hits(run_verify):
+    """A cache keyed on the inputs' bytes gains nothing: every call has fresh inputs, so every call
+    pays for a miss (5 ms of busy work). If inputs ever repeated, hits would make the median tiny."""
+    verdict = run_verify(RELU, CPU_CANDIDATES / "honest_content_cache.py", device="cpu")
+    assert verdict.verdict == "verified", explain(verdict)
+    assert verdict.timings.candidate.min_ms >= 5.0, explain(verdict)
+
+
+def test_pointer_cache_gains_nothing(run_verify):
+    """A cache keyed on data_ptr: where an address comes back it holds other data and the stale answer
+    is caught; where none comes back every call pays for a miss (5 ms of busy work)."""
+    verdict = run_verify(RELU, CPU_CANDIDATES / "pointer_cache.py", device="cpu")
+    if verdict.verdict == "rejected" and {"values", "timed_outputs"} & set(failed_names(verdict)):
+        return
+    assert verdict.verdict == "verified", explain(verdict)
+    assert verdict.timings.candidate.min_ms >= 5.0, explain(verdict)
+
+
+# ---- what one candidate leaves for the next (invariant 5) ---------------------------------------
+
+@needs_read_only
+def test_a_candidate_cannot_rewrite_the_task(run_verify, tmp_path):
+    """task_tamper rewrites the task file it was verified against so that the reference returns zeros,
+    and returns zeros. Verified twice against one copy of the task: both runs must be rejected by values."""
+    task = tmp_path / "cpu_relu.py"
+    shutil.copy(RELU, task)
+    before = task.read_text()
+    for _ in range(2):
+        verdict = run_verify(task, CPU_CANDIDATES / "task_tamper.py", device="cpu")
+        assert verdict.verdict == "rejected" and "values" in failed_names(verdict), explain(verdict)
+    assert task.read_text() == before, "the candidate rewrote the task file"
+
+
+@needs_read_only
+def test_a_candidate_cannot_damage_the_build_cache(cache_dir, tmp_path):
+    """cache_poisoning overwrites every compiled extension it can reach in the shared build cache.
+    On a copy of the session's cache: the honest kit's library must be unchanged afterwards, and an
+    honest candidate that uses it must still load and be correct."""
+    shared = tmp_path / "cache"
+    shutil.copytree(cache_dir, shared)
+    policy = VerifyPolicy(device="cpu", timing_budget_s=0.3, max_timed_calls=50)
+    first = verify(RELU, CPU_CANDIDATES / "honest_relu.py", policy, cache_dir=shared)
+    assert {"load", "values"} <= set(passed_names(first)), explain(first)
+    libraries = {path: path.read_bytes() for path in shared.rglob("*.so")}
+    assert libraries, "no compiled extension in the cache to protect"
+    verify(RELU, CPU_CANDIDATES / "cache_poisoning.py", policy, cache_dir=shared)
+    damaged = [str(path) for path, content in libraries.items() if path.read_bytes() != content]
+    assert not damaged, f"the candidate overwrote {damaged}"
+    after = verify(RELU, CPU_CANDIDATES / "honest_relu.py", policy, cache_dir=shared)
+    assert {"load", "values"} <= set(passed_names(after)), explain(after)
+
+
+# ---- the corpus itself --------------------------------------------------------------------------
+
+def extension_builds(path: Path) -> list[tuple]:
+    """(name, sources and flags, refused) of every extension a candidate file builds, from its syntax tree."""
+    tree = ast.parse(path.read_text())
+    strings = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+               and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+               for target in node.targets if isinstance(target, ast.Name)}
+
+    def value(node):
+        if isinstance(node, ast.Name) and node.id in strings:
+            return strings[node.id]
+        return ast.unparse(node)
+
+    builds = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and str(node.args[0].value).startswith("evo_cpu_"):
+            keywords = tuple(sorted((kw.arg, value(kw.value)) for kw in node.keywords))
+            flags = dict(keywords).get("extra_cflags", "")
+            guarded = isinstance(node.func, ast.Name) and node.func.id == "load_inline"
+            refused = guarded and any(bad in flags for bad in REDUCED_PRECISION_FLAGS)
+            builds.append((node.args[0].value, keywords, refused))
+    return builds
+
+
+def test_build_budget():
+    """Same extension name means same sources and flags (else a kit would compile once per file),
+    and the corpus compiles at most BUILD_BUDGET extensions (refused flags compile nothing)."""
+    by_name: dict[str, set] = {}
+    for path in sorted(CPU_CANDIDATES.glob("*.py")):
+        for name, keywords, refused in extension_builds(path):
+            if not refused:
+                by_name.setdefault(name, set()).add(keywords)
+    assert {"evo_cpu_cheat_kit", "evo_cpu_honest_kit"} <= set(by_name), "the parser no longer finds the kits"
+    for name, variants in by_name.items():
+        assert len(variants) == 1, f"{name} is built with {len(variants)} different sources or flags"
+    assert len(by_name) <= BUILD_BUDGET, f"{len(by_name)} distinct extensions: {sorted(by_name)}"
+
+
+def test_every_candidate_is_in_a_table_and_says_what_it_is():
+    listed = {param.values[0] if hasattr(param, "values") else param[0] for param in CHEATS}
+    listed |= {name for name, _ in HONEST} | {"honest_content_cache", "pointer_cache", "task_tamper", "cache_poisoning"}
+    files = {path.stem for path in CPU_CANDIDATES.glob("*.py")}
+    assert files == listed, f"not tested: {sorted(files - listed)}; missing files: {sorted(listed - files)}"
+    for path in CPU_CANDIDATES.glob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert doc.startswith(("Cheat", "Honest", "A content-keyed")), f"{path.name} does not say what it is"
+        if doc.startswith("Cheat"):
+            assert "caught by" in doc.lower(), f"{path.name} does not name the check meant to catch it"
