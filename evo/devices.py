@@ -12,6 +12,7 @@ from pathlib import Path
 
 from evo.sandbox_runner import Limits
 
+HOST_POISON_BYTE = 0x7F  # what glibc fills each new host allocation with in a sandbox
 GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
 
 
@@ -118,7 +119,9 @@ def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, 
                OMP_WAIT_POLICY="PASSIVE",
                # Keep freed host memory in the process: otherwise each window pays page faults in
                # proportion to what the previous one freed, which differs between the subjects.
-               MALLOC_MMAP_THRESHOLD_=str(32 << 20), MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+               # No mmap'd blocks (they come back as fresh zero pages), and every allocation filled
+               # with a known byte, so host memory a candidate never wrote shows as unwritten.
+               MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), MALLOC_PERTURB_=str(HOST_POISON_BYTE ^ 0xFF))
     if device.arch:
         env["TORCH_CUDA_ARCH_LIST"] = device.arch
     env.update(extra)

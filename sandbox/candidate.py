@@ -56,6 +56,7 @@ class Runner:
     def op_load(self, msg: dict) -> None:
         self.device = msg["device"]
         self.clock = harness.DeviceClock(self.device)
+        self.clock_device = torch.device(self.device).type
         self.allow_reduced_precision = msg["allow_reduced_precision"]
         self.pinned_flags = harness.pin_numeric_flags(self.allow_reduced_precision)
         hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], self.ledger)
@@ -105,7 +106,8 @@ class Runner:
             gc.enable()
         results = [harness.as_output_list(result) for result in raw]
         everything = [out for outputs in results for out in outputs]
-        plain = all(_exact_type(out) is _tensor_type for out in everything)
+        plain = all(_exact_type(out) is _tensor_type and out.layout == torch.strided
+                    and out.device.type == self.clock_device for out in everything)
         digest = harness.checksum(everything) if plain else None
         _write_frame(self.write_fd, {"elapsed_ms": elapsed, "checksum": digest, "plain": plain})
         details = {"structure": [self.describe_output(out, inputs) for outputs, inputs in zip(results, self.window)

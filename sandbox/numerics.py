@@ -57,18 +57,32 @@ def check_output_meta(outputs: list, expected: list) -> dict:
     return result("output_shape", True, "every output has the reference's shape and dtype")
 
 
+# Every new host allocation in a sandbox starts filled with this byte (glibc's MALLOC_PERTURB_).
+HOST_POISON_BYTE = 0x7F
+
+
+def poison_pattern(dtype: torch.dtype) -> torch.Tensor:
+    """One element of `dtype` made of the host poison byte."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return torch.tensor([HOST_POISON_BYTE] * size, dtype=torch.uint8).view(dtype)
+
+
 def check_written(outputs: list, expected: list) -> dict:
-    """Outputs were poisoned before the call: a NaN where the reference is finite was never written."""
+    """Memory was poisoned before the call (device blocks with NaN, host allocations with a
+    fixed byte): an element still holding the poison where the reference differs was never written."""
     for position, (out, ref) in enumerate(zip(outputs, expected)):
         if not out.is_floating_point():
             continue
-        unwritten = torch.isnan(out) & torch.isfinite(ref.to(out.dtype))
+        stale = torch.isnan(out) | (out.reshape(-1).view(torch.uint8).reshape(-1, out.element_size())
+                                    == HOST_POISON_BYTE).all(dim=1).reshape(out.shape) if out.numel() else torch.isnan(out)
+        unwritten = stale & torch.isfinite(ref.to(out.dtype)) & (ref.to(out.dtype) != poison_pattern(out.dtype))
         if unwritten.any():
             first = int(unwritten.reshape(-1).nonzero()[0])
             count = int(unwritten.sum())
             return result("output_written", False,
-                          f"output {position} element {index_text(first, out.shape)} is NaN where the reference is finite "
-                          f"({count} of {out.numel()} elements): the candidate did not write it (memory is pre-filled with NaN)")
+                          f"output {position} element {index_text(first, out.shape)} still holds the poison where the reference is finite "
+                          f"({count} of {out.numel()} elements): the candidate did not write it (memory is pre-filled "
+                          "with NaN on the device, with the byte 0x7F on the host)")
     return result("output_written", True, "every output element was written")
 
 

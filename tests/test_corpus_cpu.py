@@ -77,9 +77,9 @@ CHEATS = [
     ("stale_empty", RELU, ("output_written",), (), {}),
     ("free_and_empty", RELU, ("output_written", "values"), (), {}),  # values: the poison lost to a freed block
     ("partial_write", RELU, ("output_written",), (), {}),
-    pytest.param("zeros_for_free", SHIFTED_RELU_BIG, ("output_written",), (), BIG_POLICY, marks=hole(
-        "outputs over glibc's 32 MB mmap threshold are always fresh zero pages on the CPU; a kernel that skips "
-        "writing zeros is verified")),
+    # Outputs over glibc's mmap threshold used to be fresh zero pages, which a kernel skipping its
+    # zeros passed; sandboxes now allocate without mmap and fill every host allocation with 0x7F.
+    ("zeros_for_free", SHIFTED_RELU_BIG, ("output_written",), (), BIG_POLICY),
     # Inputs written by the call (KernelBench's input zeroing) and outputs that are the inputs.
     ("input_zeroing", RELU, ("inputs_unchanged",), (), {}),
     ("inplace_then_clone", RELU, ("inputs_unchanged",), ("values",), {}),
@@ -99,12 +99,8 @@ CHEATS = [
     ("lazy_subclass", RELU, ("output_type",), (), {}),
     ("lazy_forged_type", RELU, ("output_type", "timer_consistency"), (), {}),
     ("numpy_output", RELU, ("output_type",), (), {}),
-    pytest.param("sparse_output", RELU, ("output_type",), (), {}, marks=bug(
-        "the runner computes the checksum (.contiguous()) before describing the outputs, so a sparse output "
-        "raises inside the runner and is reported as 'runs: ModelNew.forward raised ...'")),
-    pytest.param("meta_output", RELU, ("output_device",), (), {}, marks=bug(
-        "the runner's checksum calls .item() on the meta tensor before the outputs are described, so it is "
-        "reported as 'runs: ModelNew.forward raised ...' instead of output_device")),
+    ("sparse_output", RELU, ("output_type",), (), {}),
+    ("meta_output", RELU, ("output_device",), (), {}),
     ("wrong_shape", RELU, ("output_shape",), (), {}),
     ("wrong_dtype", RELU, ("output_shape",), (), {}),
     # Timers and the timing protocol.
