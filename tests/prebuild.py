@@ -1,0 +1,49 @@
+"""Warm the build cache before a GPU test run: builds candidate files several at a time.
+
+    EVO_TEST_CACHE_DIR=/tmp/evotest python3 tests/prebuild.py tests/candidates/cuda/*.py
+
+The tests then find every extension compiled (the `cache_dir` fixture reads the same
+variable). Each build runs in its own build sandbox, exactly as `verify` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from evo.config import VerifyPolicy
+from evo.evaluator import Evaluation, EvaluatorError
+from evo.judgement import Rejected
+
+PARALLEL_BUILDS = max(1, (os.cpu_count() or 2) // 2)
+os.environ.setdefault("MAX_JOBS", "2")  # compiler jobs per build, so the builds share the cores
+
+
+def build(candidate: Path, cache: Path, device: str) -> str:
+    evaluation = Evaluation(candidate, candidate, VerifyPolicy(device=device), cache)
+    evaluation.workdir = Path(tempfile.mkdtemp(prefix="evo-prebuild-"))
+    started = time.monotonic()
+    try:
+        evaluation.build()
+        return f"{candidate.name}: built in {time.monotonic() - started:.0f} s"
+    except (Rejected, EvaluatorError) as err:
+        return f"{candidate.name}: not built ({evaluation.judgement.first_failure() or err})"
+    finally:
+        for process in evaluation.processes:
+            process.close()
+
+
+def main() -> None:
+    cache = Path(os.environ["EVO_TEST_CACHE_DIR"])
+    device = os.environ.get("EVO_PREBUILD_DEVICE", "cuda")
+    with ThreadPoolExecutor(PARALLEL_BUILDS) as pool:
+        for line in pool.map(lambda path: build(Path(path), cache, device), sys.argv[1:]):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
