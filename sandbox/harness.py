@@ -149,16 +149,30 @@ def pin_numeric_flags(allow_reduced_precision: bool) -> dict:
 
 
 def read_numeric_flags() -> dict:
-    return {
+    flags = {
         "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
         "torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction":
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
         "torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction":
             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-        "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision(),
         "torch.backends.cudnn.benchmark": torch.backends.cudnn.benchmark,
+        # Denormals flushed to zero show in arithmetic, not in any getter.
+        "torch.set_flush_denormal": bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0),
     }
+    readers = {"torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision}
+    for backend in ("mkldnn.matmul", "mkldnn.conv", "cuda.matmul", "cudnn.conv", "cudnn.rnn"):
+        namespace = torch.backends
+        for part in backend.split("."):
+            namespace = getattr(namespace, part, None)
+        if namespace is not None and hasattr(namespace, "fp32_precision"):
+            readers[f"torch.backends.{backend}.fp32_precision"] = lambda ns=namespace: ns.fp32_precision
+    for name, read in readers.items():
+        try:
+            flags[name] = read()
+        except Exception as err:  # some combinations of settings make the getters refuse
+            flags[name] = f"unreadable ({type(err).__name__})"
+    return flags
 
 
 # ---- tensors as bytes ----------------------------------------------------------------------

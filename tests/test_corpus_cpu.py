@@ -65,10 +65,6 @@ def hole(reason: str):
     return pytest.mark.xfail(strict=True, reason=f"hole: {reason}")
 
 
-def bug(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"bug: {reason}")
-
-
 # ---- cheats ------------------------------------------------------------------------------------
 
 # (candidate, task, checks meant to catch it (any one of them), checks that must have passed, policy)
@@ -135,12 +131,10 @@ CHEATS = [
         "CXX set to a wrapper script that adds -ffast-math is not inspected, and the cache key ignores it")),
     ("tf32_at_import", RELU, ("global_flags",), (), {}),
     ("matmul_precision_in_forward", MATMUL, ("global_flags",), (), {}),
-    pytest.param("mkldnn_bf16_flag", MATMUL, ("global_flags",), (), {}, marks=bug(
-        "after torch.backends.mkldnn.matmul.fp32_precision is set, torch.get_float32_matmul_precision() raises "
-        "(legacy and new APIs mixed), so read_numeric_flags fails and the candidate is rejected by 'load'; the "
-        "per-backend fp32_precision settings are not read at all")),
-    pytest.param("flush_denormal", RELU, ("global_flags",), (), {}, marks=hole(
-        "set_flush_denormal is pinned off but never read back")),
+    # The per-backend fp32_precision settings are read too, and a getter that refuses counts as a change.
+    ("mkldnn_bf16_flag", MATMUL, ("global_flags",), (), {}),
+    # Denormal flushing has no getter: the harness reads it back by arithmetic.
+    ("flush_denormal", RELU, ("global_flags",), (), {}),
     pytest.param("hidden_flag_change", RELU, ("global_flags",), (), {}, marks=hole(
         "the changed-flags report is computed inside the candidate process (Runner.changed_flags), which the "
         "candidate can replace")),
