@@ -10,9 +10,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from evo.sandbox import wire
 from evo.sandbox_runner import Limits
 
-HOST_POISON_BYTE = 0x7F  # what glibc fills each new host allocation with in a sandbox
 GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
 
 
@@ -121,7 +121,7 @@ def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, 
                # proportion to what the previous one freed, which differs between the subjects.
                # No mmap'd blocks (they come back as fresh zero pages), and every allocation filled
                # with a known byte, so host memory a candidate never wrote shows as unwritten.
-               MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), MALLOC_PERTURB_=str(HOST_POISON_BYTE ^ 0xFF))
+               MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40), MALLOC_PERTURB_=str(wire.HOST_POISON_BYTE ^ 0xFF))
     if device.arch:
         env["TORCH_CUDA_ARCH_LIST"] = device.arch
     env.update(extra)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import harness
+from wire import HOST_POISON_BYTE
 
 # How many times the fp32 reference's own error an honest fp32 candidate may reach.
 ERROR_FACTOR = 16.0
@@ -55,10 +56,6 @@ def check_output_meta(outputs: list, expected: list) -> dict:
             return result("output_shape", False,
                           f"output {position} has shape {tuple(out.shape)}, the reference's is {tuple(ref.shape)}")
     return result("output_shape", True, "every output has the reference's shape and dtype")
-
-
-# Every new host allocation in a sandbox starts filled with this byte (glibc's MALLOC_PERTURB_).
-HOST_POISON_BYTE = 0x7F
 
 
 def poison_pattern(dtype: torch.dtype) -> torch.Tensor:

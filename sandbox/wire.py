@@ -12,6 +12,9 @@ import os
 import struct
 
 HEADER_LIMIT = 16 * 1024 * 1024  # a header larger than this is a protocol violation
+# Every new host allocation in a sandbox starts filled with this byte (evo sets glibc's
+# MALLOC_PERTURB_ for it; the checker reads it as "never written"). Here because both sides need it.
+HOST_POISON_BYTE = 0x7F
 
 
 class ChannelClosed(Exception):
