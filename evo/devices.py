@@ -3,10 +3,15 @@ which GPU, its architecture, the sandbox environment and limits, cached ceilings
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
+import time
 import shutil
 import subprocess
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +56,10 @@ class Device:
         return f"sm{self.arch.replace('.', '')}" if self.arch else "cpu"
 
     @property
+    def lock_name(self) -> str:
+        return f"gpu{self.visible}" if self.kind == "cuda" else "cpu"
+
+    @property
     def max_window(self) -> int:
         """Calls per timed window. On a CPU, a flush inside the window competes with the
         candidate's own threads for the same cores, so each call gets a window of its own."""
@@ -65,13 +74,28 @@ class Device:
         return int(facts.get("l2_bytes") or 0) if self.kind == "cuda" else 0
 
 
+_gpus_seen: list[tuple[str, str, str]] = []  # the first successful answer; GPUs do not come and go
+_gpus_lock = threading.Lock()
+NVIDIA_SMI_TRIES = 3
+
+
 def list_gpus() -> list[tuple[str, str, str]]:
-    """(index, name, compute capability) of each GPU that nvidia-smi sees."""
+    """(index, name, compute capability) of each GPU that nvidia-smi sees. A loaded machine can
+    make nvidia-smi fail or stall once, which must not turn a GPU run into "no GPU"."""
     if not shutil.which("nvidia-smi"):
         return []
+    with _gpus_lock:
+        for _ in range(NVIDIA_SMI_TRIES):
+            if _gpus_seen:
+                break
+            _gpus_seen.extend(query_gpus())
+        return list(_gpus_seen)
+
+
+def query_gpus() -> list[tuple[str, str, str]]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=index,name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return []
     if out.returncode != 0:
@@ -170,3 +194,21 @@ def publish_extensions(extensions: list[dict], cache: Path) -> None:
             staging.rename(target)
         except OSError:  # another evo published it first
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(device: Device):
+    """Hold the device for one evaluation's device work, so that two evo processes on one
+    machine never run on a device at once and skew each other's timings. Yields a callable
+    giving the seconds spent waiting. The lock dies with the process that holds it; it is per
+    machine and user, whatever cache directory each process uses."""
+    locks = Path(tempfile.gettempdir()) / f"evo-{os.getuid()}-device-locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    started = time.monotonic()
+    with open(locks / f"{device.lock_name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        waited = time.monotonic() - started
+        try:
+            yield lambda: waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

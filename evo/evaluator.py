@@ -59,12 +59,9 @@ class Evaluation:
             self.check_paths()
             self.spawn_processes()  # their interpreter and torch start-up overlaps the build
             self.build()
-            self.start_processes()
-            self.time_reference()
-            self.load_candidate()
-            self.correctness()
-            self.time_candidate()
-            self.which_kernels()
+            with devices.exclusive(self.device) as waited:
+                self.timings.queued_s = waited()
+                self.on_device()
             outcome = None
         except Rejected:
             outcome = None
@@ -78,6 +75,14 @@ class Evaluation:
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.timings.total_s = time.monotonic() - started
         return self.verdict(outcome)
+
+    def on_device(self) -> None:
+        self.start_processes()
+        self.time_reference()
+        self.load_candidate()
+        self.correctness()
+        self.time_candidate()
+        self.which_kernels()
 
     def sandbox_failed(self, failure: SandboxFailure):
         """A candidate's failure costs only its own verdict; a trusted process's failure is an

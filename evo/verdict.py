@@ -30,6 +30,7 @@ class Timings(BaseModel):
     build_s: float = 0.0  # wall time of the build step
     correctness_s: float = 0.0  # start-up, loading and correctness trials
     timing_s: float = 0.0  # reference and candidate timing
+    queued_s: float = 0.0  # waiting for another evo process to finish with the device
     total_s: float = 0.0
 
 

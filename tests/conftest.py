@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +31,20 @@ def gpu_present() -> bool:
 
 
 HAS_GPU = gpu_present()
+# Where a GPU round writes each verdict and each failure the moment it happens, so a run cut
+# short by the device's time limit still tells what it saw.
+REPORT_DIR = os.environ.get("EVO_TEST_REPORT_DIR")
+
+
+def append_report(name: str, text: str) -> None:
+    if REPORT_DIR:
+        with open(Path(REPORT_DIR) / name, "a") as handle:
+            handle.write(text + "\n")
+
+
+def pytest_runtest_logreport(report):
+    if report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        append_report("failures.log", f"==== {report.nodeid} ({report.when})\n{report.longreprtext}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,7 +74,11 @@ def run_verify(cache_dir):
     def run(task: Path, candidate: Path, **policy) -> Verdict:
         policy.setdefault("timing_budget_s", 0.3)
         policy.setdefault("max_timed_calls", 50)
-        return verify(Path(task), Path(candidate), VerifyPolicy(**policy), cache_dir=cache_dir)
+        verdict = verify(Path(task), Path(candidate), VerifyPolicy(**policy), cache_dir=cache_dir)
+        append_report("verdicts.jsonl", json.dumps({"candidate": Path(candidate).name, "task": Path(task).name,
+                                                    "verdict": verdict.verdict, "summary": verdict.summary,
+                                                    "timings": verdict.timings.model_dump()}))
+        return verdict
 
     return run
 
