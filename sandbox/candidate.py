@@ -163,6 +163,7 @@ class Runner:
 
 def main() -> None:
     read_fd, write_fd = harness.channel_from_argv()
+    harness.start_device()
     Runner(read_fd, write_fd).serve()
 
 

@@ -210,6 +210,7 @@ class Checker:
 
 def main() -> None:
     read_fd, write_fd = harness.channel_from_argv()
+    harness.start_device()
     Checker(read_fd, write_fd).serve()
 
 

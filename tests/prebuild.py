@@ -18,6 +18,7 @@ from pathlib import Path
 from evo.config import VerifyPolicy
 from evo.evaluator import Evaluation, EvaluatorError
 from evo.judgement import Rejected
+from evo.sandbox_runner import SandboxFailure
 
 PARALLEL_BUILDS = max(1, (os.cpu_count() or 2) // 2)
 os.environ.setdefault("MAX_JOBS", "2")  # compiler jobs per build, so the builds share the cores
@@ -32,6 +33,8 @@ def build(candidate: Path, cache: Path, device: str) -> str:
         return f"{candidate.name}: built in {time.monotonic() - started:.0f} s"
     except (Rejected, EvaluatorError) as err:
         return f"{candidate.name}: not built ({evaluation.judgement.first_failure() or err})"
+    except SandboxFailure as failure:  # a candidate that crashes its build; verify reports it
+        return f"{candidate.name}: not built ({failure})"
     finally:
         for process in evaluation.processes:
             process.close()

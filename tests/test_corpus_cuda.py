@@ -139,7 +139,7 @@ CHEATS = [
     ("timer_module_patch.py", MATMUL, ("timer_consistency",), ("values", "timed_outputs", "speed_of_light"),
      MATMUL_POLICY),
     ("sync_patched_side_stream.py", MATMUL, ("timer_consistency",), ("values", "timed_outputs"), MATMUL_POLICY),
-    ("late_finish_side_stream.py", MATMUL, ("output_binding",), ("values",), MATMUL_POLICY),
+    ("late_finish_side_stream.py", MATMUL, ("timer_consistency", "output_binding"), ("values",), MATMUL_POLICY),
     ("prepare_hook.py", MATMUL_BIG, ("speed_of_light",), ("values", "timed_outputs"), BIG_POLICY),
     # precision
     ("tf32_at_import.py", MATMUL, ("global_flags",), (), MATMUL_POLICY),

@@ -4,8 +4,10 @@ calls) is patched so the harness's synchronizes wait for the default stream only
 harness's tensors_to_payload (reached through sys.modules after the reply is sent) is wrapped so
 the device is synchronized just before the outputs are copied. The reply carries a near-zero time
 and a checksum of the unfinished output; the bytes delivered afterwards are correct.
-Caught by: output_binding (the delivered output differs from the output at the moment the call
-reported completion).
+Caught by: timer_consistency, since the harness's synchronize is bound before candidate code
+loads, so the window stays open until the side stream ends and the parent's clock sees the spin;
+output_binding (the delivered output differs from the output at the moment the call reported
+completion) if that synchronize were ever defeated.
 """
 
 import sys
