@@ -36,6 +36,11 @@ MAX_WINDOW = 32
 # hides. On an H200, honest candidates landed within 0.13 ms of the reference per 32-call
 # window with about 2.2 ms unaccounted; on a loaded 2-core CPU, within 0.3 ms per call.
 OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
+# Beyond the slack, unaccounted time is charged to the candidate (a loaded host makes some
+# honestly); it is rejected as tampering when it exceeds the slack by more than all the work
+# its timer saw in the window, or by this many milliseconds if that is more. On a GPU, honest
+# candidates on a loaded H200 host went up to 0.25 ms past the slack, timer cheats 5 ms and more.
+TAMPERING_MS = {"cuda": 1.0, "cpu": 0.2}
 # Making a window's inputs may take the candidate's process this much longer than the reference's.
 PREPARE_FACTOR = 2.0
 PREPARE_SLACK_MS = 1.0
@@ -66,11 +71,11 @@ class Samples:
                 sink.write(json.dumps({"subject": label, "wall_ms": self.window_wall_ms,
                                        "event_ms": self.window_event_ms, "calls": self.event_ms}) + "\n")
 
-    def stats(self) -> TimingStats:
-        ordered = sorted(self.event_ms)
+    def stats(self, charged_ms: float = 0.0) -> TimingStats:
+        ordered = sorted(ms + charged_ms for ms in self.event_ms)
         quartiles = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
         calls = len(ordered)
-        return TimingStats(median_ms=statistics.median(ordered), iqr_ms=quartiles[2] - quartiles[0],
+        return TimingStats(median_ms=statistics.median(ordered), charged_ms=charged_ms, iqr_ms=quartiles[2] - quartiles[0],
                            min_ms=ordered[0], mean_ms=statistics.fmean(ordered), calls=calls,
                            wall_median_ms=statistics.median(w / (calls / len(self.window_wall_ms))
                                                             for w in self.window_wall_ms))
@@ -170,22 +175,33 @@ def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], 
     return times
 
 
-def timer_consistency(reference: Samples, candidate: Samples, device_kind: str) -> Check:
+def timer_consistency(reference: Samples, candidate: Samples, device_kind: str) -> tuple[Check, float]:
     """Per window, the time outside the event windows must not exceed the reference's: more
-    means the timer under-reported, or work ran after it stopped."""
+    means the timer under-reported, or work ran after it stopped. Returns the check and the
+    milliseconds per call charged to the candidate: what it left unaccounted beyond the slack,
+    so that hiding work never pays, while a noisy host costs an honest candidate a little speed
+    instead of its verdict."""
     ref_overhead, cand_overhead = reference.overhead_ms(), candidate.overhead_ms()
     slack_ms, slack_fraction = OVERHEAD_SLACK[device_kind]
     slack = slack_ms + slack_fraction * ref_overhead
+    calls = len(candidate.event_ms) // len(candidate.window_wall_ms)
+    beyond = cand_overhead - ref_overhead - slack
     median_event = statistics.median(candidate.event_ms)
-    if cand_overhead > ref_overhead + slack:
+    if beyond > max(TAMPERING_MS[device_kind], statistics.median(candidate.window_event_ms)):
         return Check(name="timer_consistency", passed=False, detail=(
             f"the candidate's timer reports {median_event:.4f} ms per call, but the parent's clock saw "
-            f"{cand_overhead - ref_overhead:.4f} ms more per window of {len(candidate.event_ms) // len(candidate.window_wall_ms)} "
-            f"calls outside the timer than the reference leaves under the same protocol (allowed {slack:.4f} ms): "
-            "the timer was tampered with or work ran outside it"))
+            f"{cand_overhead - ref_overhead:.4f} ms more per window of {calls} calls outside the timer than the "
+            f"reference leaves under the same protocol (allowed {slack:.4f} ms): the timer was tampered with or "
+            "work ran outside it")), 0.0
+    charged = max(0.0, beyond) / calls
+    if charged:
+        return Check(name="timer_consistency", passed=True, detail=(
+            f"the parent's clock saw {cand_overhead - ref_overhead:.4f} ms more per window of {calls} calls outside "
+            f"the timer than the reference leaves (allowed {slack:.4f} ms); the excess, {charged:.4f} ms per call, "
+            "is added to the candidate's time")), charged
     return Check(name="timer_consistency", passed=True, detail=(
         f"event times agree with the parent's wall clock ({cand_overhead:.4f} ms per window outside the timer; "
-        f"reference {ref_overhead:.4f} ms)"))
+        f"reference {ref_overhead:.4f} ms)")), 0.0
 
 
 def input_preparation(reference: Samples, candidate: Samples) -> Check:

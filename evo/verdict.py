@@ -15,7 +15,8 @@ class Check(BaseModel):
 
 
 class TimingStats(BaseModel):
-    median_ms: float
+    median_ms: float  # per call: the timer's median plus charged_ms
+    charged_ms: float = 0.0  # per call: time the parent's clock saw outside the timer beyond the reference's
     iqr_ms: float  # interquartile range of the per-call times: the spread
     min_ms: float
     mean_ms: float
