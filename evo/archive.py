@@ -1,5 +1,7 @@
 """The archive: every run, candidate, evaluation and LLM call, kept in one SQLite file.
 archive/README.md documents the schema; evo/archive_views.py renders it for `evo archive`."""
+The schema and its migrations are in evo/archive_schema.py, the records it returns in
+evo/archive_models.py; both are re-exported here, so callers import from evo.archive."""
 
 from __future__ import annotations
 
@@ -10,219 +12,22 @@ import platform
 import secrets
 import shlex
 import sqlite3
-import statistics
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
 from evo import __version__
-from evo.verdict import Check, Verdict
+from evo.archive_models import (CandidateStatus, Candidate, LineageStep, LLMCall, Record, Run, RunStatus,  # noqa: F401
+                                RunSummary, RunTotals, Spend, TaskSummary, VerdictName, fitness)
+from evo.archive_schema import (APPLICATION_ID, CANDIDATE_SELECT, JSON_COLUMNS, MIGRATIONS, SCHEMA_VERSION,  # noqa: F401
+                                SPEND_SELECT, ArchiveError, Migration, apply_migration, decode)
+from evo.verdict import Verdict
 
 DEFAULT_PATH = Path("archive") / "evo.sqlite"  # relative to the directory evo runs in
-APPLICATION_ID = 0x65766F31  # "evo1" in the file header: tells an evo archive from other SQLite files
 BUSY_TIMEOUT_S = 30.0  # how long a write waits for another writer's transaction before failing
-RunStatus = Literal["running", "finished", "stopped", "failed"]
-CandidateStatus = Literal["pending", "built", "evaluated", "failed"]
-VerdictName = Literal["verified", "rejected", "error"]
-
-
-class ArchiveError(Exception):
-    """The archive cannot do what was asked; the message says why and what to do."""
-
-
-# Schema migrations, applied in order. Entry i takes a database from version i to version i + 1
-# (kept in PRAGMA user_version). Never edit a shipped entry: append a new one. A SQL entry holds
-# one statement per line-ending ';'; a callable entry gets the connection inside the transaction.
-Migration = str | Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = [
-    # 1: runs, LLM calls, candidates with their parents.
-    f"""
-    PRAGMA application_id = {APPLICATION_ID};
-    CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT,
-        status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'stopped', 'failed')),
-        config TEXT NOT NULL, command TEXT NOT NULL, tasks TEXT NOT NULL,
-        hardware TEXT NOT NULL, software TEXT NOT NULL);
-    CREATE TABLE llm_calls (
-        call_id INTEGER PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs (run_id), task TEXT,
-        provider TEXT NOT NULL, model TEXT NOT NULL, prompt TEXT NOT NULL, reply TEXT,
-        input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cached_input_tokens INTEGER NOT NULL,
-        cost_usd REAL NOT NULL, latency_s REAL, scripted INTEGER NOT NULL, error TEXT, created_at TEXT NOT NULL);
-    CREATE TABLE candidates (
-        candidate_id INTEGER PRIMARY KEY, run_id TEXT NOT NULL REFERENCES runs (run_id),
-        task TEXT NOT NULL, task_hash TEXT NOT NULL, island INTEGER NOT NULL, generation INTEGER NOT NULL,
-        operator TEXT NOT NULL, source TEXT NOT NULL, source_hash TEXT NOT NULL,
-        llm_call_id INTEGER REFERENCES llm_calls (call_id),
-        status TEXT NOT NULL CHECK (status IN ('pending', 'built', 'evaluated', 'failed')),
-        verdict TEXT CHECK (verdict IN ('verified', 'rejected', 'error')),
-        summary TEXT, checks TEXT NOT NULL DEFAULT '[]', speedup REAL, speedup_vs_compile REAL,
-        timings TEXT, roofline TEXT, verdict_json TEXT, build_log TEXT, environment TEXT,
-        created_at TEXT NOT NULL, evaluated_at TEXT);
-    CREATE TABLE candidate_parents (
-        candidate_id INTEGER NOT NULL REFERENCES candidates (candidate_id),
-        parent_id INTEGER NOT NULL REFERENCES candidates (candidate_id),
-        position INTEGER NOT NULL, PRIMARY KEY (candidate_id, position));
-    CREATE INDEX candidates_by_run_task ON candidates (run_id, task_hash, source_hash);
-    CREATE INDEX candidates_by_task_verdict ON candidates (task_hash, verdict);
-    CREATE INDEX llm_calls_by_run ON llm_calls (run_id, task);
-    """,
-    # 2: re-measurements of elites (noise-aware fitness) and key-value state for resuming a run.
-    """
-    CREATE TABLE remeasurements (
-        remeasurement_id INTEGER PRIMARY KEY, candidate_id INTEGER NOT NULL REFERENCES candidates (candidate_id),
-        verdict TEXT NOT NULL CHECK (verdict IN ('verified', 'rejected', 'error')),
-        speedup REAL, timings TEXT, measured_at TEXT NOT NULL);
-    CREATE INDEX remeasurements_by_candidate ON remeasurements (candidate_id);
-    CREATE TABLE run_state (
-        run_id TEXT NOT NULL REFERENCES runs (run_id), key TEXT NOT NULL, value TEXT NOT NULL,
-        updated_at TEXT NOT NULL, PRIMARY KEY (run_id, key));
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def apply_migration(connection: sqlite3.Connection, migration: Migration) -> None:
-    """Run one migration inside the caller's transaction. (executescript would commit it first.)"""
-    if callable(migration):
-        migration(connection)
-        return
-    statement = ""
-    for line in migration.splitlines(keepends=True):
-        statement += line
-        if sqlite3.complete_statement(statement):
-            connection.execute(statement)
-            statement = ""
-    if statement.strip():
-        raise ArchiveError(f"a migration ends in an unfinished statement: {statement.strip()[:80]}")
-
-
-class Record(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class Run(Record):
-    run_id: str  # short and typeable: "r" + start minute + random suffix
-    started_at: datetime
-    finished_at: datetime | None
-    status: RunStatus
-    config: dict  # the frozen run config
-    command: str  # the command line that started the run
-    tasks: list[str]  # task paths, as given
-    hardware: dict  # GPU, driver, CUDA, compute capability, SM count...
-    software: dict  # evo, torch, python versions
-
-
-class Spend(Record):
-    llm_calls: int = 0
-    failed_calls: int = 0  # calls that ended in an error
-    scripted_calls: int = 0  # replies that came from a script, not a model
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_input_tokens: int = 0
-    cost_usd: float = 0.0
-
-
-class RunTotals(Record):
-    candidates: int
-    verified: int
-    rejected: int
-    errors: int  # the evaluator could not judge them
-    unfinished: int  # pending or built: work a resumed run has to redo
-    best_speedup: float | None  # highest fitness of a verified candidate, over every task of the run
-    spend: Spend
-
-
-class Candidate(Record):
-    candidate_id: int
-    run_id: str
-    task: str  # the task's path, as given to the run
-    task_hash: str  # sha256 of the task file's content: the task's identity
-    island: int
-    generation: int
-    operator: str  # how it was made: translate, improve, repair_build, repair_wrong, crossover, scripted...
-    parent_ids: list[int]  # the first is the main parent; lineage follows it
-    source: str
-    source_hash: str  # of the normalized source, as the caller computed it; for deduplication
-    llm_call_id: int | None  # the call whose reply held the source
-    status: CandidateStatus
-    verdict: VerdictName | None  # None until evaluated
-    summary: str | None  # the verdict's sentence, or why the evaluation failed
-    checks: list[Check]
-    speedup: float | None  # of the first evaluation; None unless verified
-    speedup_vs_compile: float | None
-    timings: dict | None
-    roofline: dict | None
-    verdict_json: dict | None  # the whole Verdict
-    build_log: str | None
-    environment: dict | None  # the hardware and software it was measured on
-    created_at: datetime
-    evaluated_at: datetime | None
-    remeasured_speedups: list[float]  # of later verified re-measurements, oldest first
-    failed_remeasurements: int  # re-measurements that did not verify: the candidate is not trusted
-
-    @property
-    def measurements(self) -> list[float]:
-        """Every verified speedup: the first evaluation's, then the re-measurements'."""
-        return [] if self.speedup is None else [self.speedup, *self.remeasured_speedups]
-
-    @property
-    def fitness(self) -> float | None:
-        """Median speedup over every measurement; None unless verified every time."""
-        return fitness(self.verdict, self.speedup, self.remeasured_speedups, self.failed_remeasurements)
-
-
-class LineageStep(Record):
-    candidate_id: int
-    operator: str
-    generation: int
-    island: int
-    verdict: VerdictName | None
-    speedup: float | None
-    parent_ids: list[int]  # all parents; the chain follows the first
-
-
-class LLMCall(Record):
-    call_id: int
-    run_id: str
-    task: str | None  # the task the call worked on, when it was for one
-    provider: str
-    model: str
-    prompt: Any  # system prompt and messages, as sent
-    reply: str | None
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int  # part of input_tokens served from the provider's prompt cache
-    cost_usd: float
-    latency_s: float | None
-    scripted: bool  # the reply came from a script, not a model
-    error: str | None
-    created_at: datetime
-
-
-class TaskSummary(Record):
-    task: str
-    task_hash: str
-    outcomes: dict[str, int]  # how many candidates are verified, rejected, error, unfinished, failed (no verdict)
-    best: Candidate | None  # the verified candidate of highest fitness
-    lineage: list[LineageStep]  # of the best, from its root
-    spend: Spend  # of the LLM calls made for this task
-
-
-class RunSummary(Record):
-    run: Run
-    totals: RunTotals
-    tasks: list[TaskSummary]
-
-
-def fitness(verdict: str | None, speedup: float | None, remeasured: Sequence[float], failures: int) -> float | None:
-    if verdict != "verified" or speedup is None or failures:
-        return None
-    return statistics.median([speedup, *remeasured])
 
 
 def file_sha256(path: Path | str) -> str:
@@ -247,30 +52,6 @@ def new_run_id() -> str:
     alphabet = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o or 1/l/i to misread
     return f"r{datetime.now():%y%m%d-%H%M}-" + "".join(secrets.choice(alphabet) for _ in range(3))
 
-
-JSON_COLUMNS = {"config", "tasks", "hardware", "software", "checks", "timings", "roofline", "verdict_json",
-                "environment", "prompt", "parent_ids", "remeasured_speedups", "value"}
-
-
-def decode(row: sqlite3.Row) -> dict:
-    return {key: json.loads(row[key]) if key in JSON_COLUMNS and row[key] is not None else row[key]
-            for key in row.keys()}
-
-
-# A candidate row with its parents (in order) and its re-measurements, for Candidate(**decode(row)).
-CANDIDATE_SELECT = """
-    SELECT c.*,
-      (SELECT json_group_array(parent_id) FROM (SELECT parent_id FROM candidate_parents p
-         WHERE p.candidate_id = c.candidate_id ORDER BY position)) AS parent_ids,
-      (SELECT json_group_array(speedup) FROM (SELECT speedup FROM remeasurements r
-         WHERE r.candidate_id = c.candidate_id AND r.verdict = 'verified' ORDER BY remeasurement_id)) AS remeasured_speedups,
-      (SELECT count(*) FROM remeasurements r
-         WHERE r.candidate_id = c.candidate_id AND r.verdict != 'verified') AS failed_remeasurements
-    FROM candidates c"""
-SPEND_SELECT = """SELECT count(*) AS llm_calls, count(error) AS failed_calls, coalesce(sum(scripted), 0) AS scripted_calls,
-    coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,
-    coalesce(sum(cached_input_tokens), 0) AS cached_input_tokens, coalesce(sum(cost_usd), 0.0) AS cost_usd
-    FROM llm_calls WHERE run_id = ?"""
 
 
 class Archive:

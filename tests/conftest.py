@@ -48,12 +48,25 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_collection_modifyitems(config, items):
+    select_shard(config, items)
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="no NVIDIA GPU visible")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def select_shard(config, items) -> None:
+    """EVO_TEST_SHARD=I/N keeps every N-th test from the I-th: a GPU run split over several
+    device sessions, each under the device's time limit."""
+    shard = os.environ.get("EVO_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    kept = [item for position, item in enumerate(items) if position % count == index]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")
