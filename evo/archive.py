@@ -1,7 +1,8 @@
 """The archive: every run, candidate, evaluation and LLM call, kept in one SQLite file.
-archive/README.md documents the schema; evo/archive_views.py renders it for `evo archive`."""
-The schema and its migrations are in evo/archive_schema.py, the records it returns in
-evo/archive_models.py; both are re-exported here, so callers import from evo.archive."""
+archive/README.md documents the schema; evo/archive_views.py renders it for `evo archive`.
+This file holds the Archive class; the schema and its migrations are in evo/archive_schema.py, the
+records it returns in evo/archive_models.py. Callers import those records, ArchiveError and
+SCHEMA_VERSION from here."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from evo import __version__
-from evo.archive_models import (CandidateStatus, Candidate, LineageStep, LLMCall, Record, Run, RunStatus,  # noqa: F401
-                                RunSummary, RunTotals, Spend, TaskSummary, VerdictName, fitness)
-from evo.archive_schema import (APPLICATION_ID, CANDIDATE_SELECT, JSON_COLUMNS, MIGRATIONS, SCHEMA_VERSION,  # noqa: F401
-                                SPEND_SELECT, ArchiveError, Migration, apply_migration, decode)
+from evo.archive_models import (Candidate, LineageStep, LLMCall, Run, RunStatus, RunSummary, RunTotals, Spend,
+                                TaskSummary, VerdictName, fitness)
+from evo.archive_schema import (APPLICATION_ID, CANDIDATE_SELECT, MIGRATIONS, SCHEMA_VERSION, SPEND_SELECT,
+                                ArchiveError, apply_migration, decode)
 from evo.verdict import Verdict
 
 DEFAULT_PATH = Path("archive") / "evo.sqlite"  # relative to the directory evo runs in
@@ -51,7 +52,6 @@ def now() -> str:
 def new_run_id() -> str:
     alphabet = "abcdefghjkmnpqrstuvwxyz23456789"  # no 0/o or 1/l/i to misread
     return f"r{datetime.now():%y%m%d-%H%M}-" + "".join(secrets.choice(alphabet) for _ in range(3))
-
 
 
 class Archive:
@@ -335,6 +335,15 @@ class Archive:
                 where.append("(c.task = ? OR c.task_hash = ?)")
                 params += [task, task]
         return self._best(" AND ".join(where), tuple(params))
+
+    def best_per_task(self, exclude_task_hash: str | None = None) -> list[Candidate]:
+        """The best verified candidate of each task in the archive (by content hash), best
+        first: examples for the cross-task memory."""
+        hashes = [row[0] for row in self._connection().execute(
+            "SELECT DISTINCT task_hash FROM candidates WHERE verdict = 'verified' AND task_hash IS NOT ?",
+            (exclude_task_hash,))]
+        found = [self._best("c.task_hash = ?", (task_hash,)) for task_hash in hashes]
+        return sorted((c for c in found if c is not None), key=lambda c: c.fitness or 0.0, reverse=True)
 
     def _best(self, where: str, params: tuple) -> Candidate | None:
         scores = self._fitnesses(where, params)

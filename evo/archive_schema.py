@@ -15,7 +15,6 @@ class ArchiveError(Exception):
     """The archive cannot do what was asked; the message says why and what to do."""
 
 
-
 # Schema migrations, applied in order. Entry i takes a database from version i to version i + 1
 # (kept in PRAGMA user_version). Never edit a shipped entry: append a new one. A SQL entry holds
 # one statement per line-ending ';'; a callable entry gets the connection inside the transaction.
@@ -82,7 +81,7 @@ def apply_migration(connection: sqlite3.Connection, migration: Migration) -> Non
         raise ArchiveError(f"a migration ends in an unfinished statement: {statement.strip()[:80]}")
 
 
-
+# Reading rows back: JSON columns are decoded, so decode(row) gives a model's keyword arguments.
 JSON_COLUMNS = {"config", "tasks", "hardware", "software", "checks", "timings", "roofline", "verdict_json",
                 "environment", "prompt", "parent_ids", "remeasured_speedups", "value"}
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from evo import evaluator, report
+from evo import commands, evaluator, report
 from evo.config import ConfigError, load_policy
 
 
@@ -36,6 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-task", help="audit a task: outputs that barely depend on the inputs")
     check.add_argument("task", type=Path)
     add_common(check)
+
+    optimize = commands.add_parser("optimize", help="search for faster kernels for tasks, with an LLM")
+    optimize.add_argument("tasks", type=Path, nargs="*", help="task files, or directories of them")
+    optimize.add_argument("--llm", action="append",
+                          help="openai:MODEL, anthropic:MODEL, openai-compatible:MODEL@URL or scripted:DIR, "
+                               "optionally *WEIGHT; repeat to mix models (default: from the environment's API keys)")
+    optimize.add_argument("--budget-usd", type=float, help="stop when the LLM calls of the run cost this much")
+    optimize.add_argument("--max-hours", type=float, help="stop the run after this many hours")
+    optimize.add_argument("--max-candidates", type=int, help="candidates per task (default 40)")
+    optimize.add_argument("--archive", type=Path, help="the archive's SQLite file (default archive/evo.sqlite)")
+    optimize.add_argument("--resume", metavar="RUN_ID", help="continue a stopped or killed run")
+    optimize.add_argument("--format", choices=["load_inline", "nvrtc"], help="the candidate format asked of the LLM")
+    optimize.add_argument("--memory", action="store_true", help="show verified winners of other tasks as examples")
+    optimize.add_argument("--seed", type=int)
+    optimize.add_argument("--allow-reduced-precision", action="store_true",
+                          help="allow TF32, bf16 operands and fast-math flags")
+    add_common(optimize)
+
+    archive = commands.add_parser("archive", help="look inside the archive: list, show, best, diff")
+    archive.add_argument("action", choices=["list", "show", "best", "diff"])
+    archive.add_argument("names", nargs="*", help="show RUN_ID|CANDIDATE_ID; best [TASK]; diff CANDIDATE CANDIDATE")
+    archive.add_argument("--archive", type=Path, help="the archive's SQLite file (default archive/evo.sqlite)")
+    archive.add_argument("--run", help="best: within this run only")
     return parser
 
 
@@ -54,6 +77,8 @@ def policy_from(args: argparse.Namespace):
         "memory_limit_bytes": int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None else None,
         "use_namespaces": False if args.no_namespaces else None,
     }
+    if args.command == "optimize":
+        overrides.update(allow_reduced_precision=True if args.allow_reduced_precision else None)
     if args.command == "verify":
         overrides.update(
             require_custom_code=False if args.allow_no_custom_code else None,
@@ -66,11 +91,15 @@ def policy_from(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "archive":
+        return commands.archive_command(args)
     try:
         policy = policy_from(args)
     except ConfigError as err:
         print(f"evo: {err}", file=sys.stderr)
         return 2
+    if args.command == "optimize":
+        return commands.optimize_command(args, policy)
     if args.command == "verify":
         verdict = evaluator.verify(args.task, args.candidate, policy)
         report.show_verdict(verdict, as_json=args.json)

@@ -1,4 +1,5 @@
-"""Evaluator policy: frozen, from defaults, a TOML file's [verify] table, and CLI flags."""
+"""Configuration, frozen: the evaluator's policy ([verify]) and the search's settings
+([optimize]), from defaults, a TOML file's tables, and CLI flags."""
 
 from __future__ import annotations
 
@@ -43,20 +44,57 @@ class VerifyPolicy(BaseModel):
         return value
 
 
-def load_policy(config_file: Path | None, overrides: dict) -> VerifyPolicy:
-    values: dict = {}
-    if config_file is not None:
-        try:
-            values = tomllib.loads(config_file.read_text()).get("verify", {})
-        except FileNotFoundError:
-            raise ConfigError(f"config file {config_file} does not exist; pass an existing TOML file to --config") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {config_file} is not valid TOML ({err}); fix it and run again") from None
+class OptimizeConfig(BaseModel):
+    """How `python -m evo optimize` searches. Limits apply per task unless named otherwise."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    llm: tuple[str, ...] = ()  # provider specs such as anthropic:MODEL or openai:MODEL*2; empty: from the environment
+    budget_usd: float | None = Field(default=None, gt=0)  # for the whole run, all tasks together
+    max_hours: float | None = Field(default=None, gt=0)  # for the whole run
+    max_candidates: int = Field(default=40, ge=1)  # per task, every generated candidate counted
+    islands: int = Field(default=2, ge=1)
+    island_size: int = Field(default=6, ge=1)  # verified members each island keeps
+    migration_interval: int = Field(default=8, ge=1)  # evaluated candidates between migrations
+    crossover_rate: float = Field(default=0.15, ge=0, le=1)
+    max_repairs: int = Field(default=2, ge=0)  # repair attempts per failed candidate's lineage
+    remeasure_elites: bool = True  # re-verify a winner before it becomes a parent
+    no_code_retries: int = Field(default=2, ge=0)  # re-asks when a reply has no usable code
+    llm_concurrency: int = Field(default=4, ge=1)  # LLM calls in flight
+    evaluations_per_gpu: int = Field(default=2, ge=1)  # in flight per device: builds overlap the device turn
+    candidate_format: str = Field(default="load_inline", pattern="^(load_inline|nvrtc)$")
+    memory: bool = False  # offer verified winners of earlier tasks as examples
+    seed: int = 0
+    llm_timeout_s: float = Field(default=300.0, gt=0)
+    llm_max_retries: int = Field(default=4, ge=0)
+
+
+def read_tables(config_file: Path | None) -> dict:
+    if config_file is None:
+        return {}
+    try:
+        return tomllib.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {config_file} does not exist; pass an existing TOML file to --config") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {config_file} is not valid TOML ({err}); fix it and run again") from None
+
+
+def build(model: type[BaseModel], table: dict, overrides: dict, section: str):
+    values = dict(table)
     values.update({key: value for key, value in overrides.items() if value is not None})
     try:
-        return VerifyPolicy(**values)
+        return model(**values)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"setting {where!r} is invalid: {message}") from None
+        raise ConfigError(f"setting {where!r} of [{section}] is invalid: {message}") from None
+
+
+def load_policy(config_file: Path | None, overrides: dict) -> VerifyPolicy:
+    return build(VerifyPolicy, read_tables(config_file).get("verify", {}), overrides, "verify")
+
+
+def load_optimize(config_file: Path | None, overrides: dict) -> OptimizeConfig:
+    return build(OptimizeConfig, read_tables(config_file).get("optimize", {}), overrides, "optimize")

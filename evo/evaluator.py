@@ -281,8 +281,10 @@ class Evaluation:
             if not self.task.is_file():
                 raise EvaluatorError(f"task file {self.task} does not exist; pass the path of a KernelBench-style task file")
             self.checker = self.sandbox("checker.py", "reference checker", {})
-            self.init_checker()
-            audit, _ = self.checker.request({"op": "audit", "seeds": new_seeds(3)}, timeout=self.policy.load_timeout_s)
+            with devices.exclusive(self.device):
+                ceilings = self.init_checker()["ceilings"]
+                audit, _ = self.checker.request({"op": "audit", "seeds": new_seeds(3)},
+                                                timeout=self.policy.load_timeout_s)
             warnings = expect(audit, "auditing the task")["warnings"]
         except (EvaluatorError, SandboxFailure, SubjectError) as err:
             return TaskAudit(status="error", task=str(self.task), device=self.device.torch_name, error=str(err))
@@ -291,7 +293,7 @@ class Evaluation:
                 process.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
         return TaskAudit(status="warnings" if warnings else "ok", task=str(self.task), device=self.device.torch_name,
-                         warnings=warnings)
+                         warnings=warnings, environment=devices.environment(self.device, self.facts), ceilings=ceilings)
 
     # ---- the verdict ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ MEMORY_CHECK_INTERVAL_S = 0.2
 
 
 _LIVE_SANDBOXES: set[int] = set()  # pids of the sandbox leaders this process started and has not reaped
+# Held while a sandbox is started and registered, and while orphans are swept, so that one
+# thread's sweep never takes another thread's sandbox, just forked, for an orphan.
+_SANDBOXES_LOCK = threading.Lock()
 
 
 def become_subreaper() -> None:
@@ -41,20 +45,54 @@ def become_subreaper() -> None:
 
 def kill_adopted_orphans(since: int) -> None:
     """Kill the children of ours that a sandbox left behind: not a live sandbox leader, and
-    marked as sandboxed or started after `since` (clock ticks since boot, as /proc counts)."""
+    marked as sandboxed, or started after `since` (clock ticks since boot, as /proc counts) in
+    a session other than ours (a child evo itself runs, such as nvidia-smi, stays in ours)."""
+    with _SANDBOXES_LOCK:
+        _kill_orphans(since)
+
+
+def _kill_orphans(since: int) -> None:
+    own_session = os.getsid(0)
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         try:
             children = [int(pid) for pid in (task / "children").read_text().split()]
         except (OSError, ValueError):
             continue
         for pid in children:
-            if pid in _LIVE_SANDBOXES or not (_is_sandboxed(pid) or start_ticks(pid) >= since):
+            if pid in _LIVE_SANDBOXES or not (_is_sandboxed(pid) or (start_ticks(pid) >= since
+                                                                         and _session(pid) != own_session)):
                 continue
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError, PermissionError):
                 pass
+
+
+_refusing = threading.Event()  # set by kill_all: no new sandbox starts until allow_new
+
+
+def kill_all() -> None:
+    """Kill every sandbox this process has running, and refuse new ones (Ctrl-C in a search):
+    the threads waiting on them see their sandbox end at once and return."""
+    with _SANDBOXES_LOCK:
+        _refusing.set()
+        for pid in list(_LIVE_SANDBOXES):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def allow_new() -> None:
+    _refusing.clear()
+
+
+def _session(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return -1
 
 
 def start_ticks(pid: int) -> int:
@@ -131,11 +169,15 @@ class SandboxProcess:
         parent_read, child_write = os.pipe()
         command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
         become_subreaper()
-        self.proc = subprocess.Popen(
-            command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_read, child_write), start_new_session=True,
-            preexec_fn=self._apply_limits)
-        _LIVE_SANDBOXES.add(self.proc.pid)
+        with _SANDBOXES_LOCK:
+            if _refusing.is_set():
+                os.close(child_read), os.close(child_write), os.close(parent_read), os.close(parent_write)
+                raise SandboxFailure("stopped", f"the {self.label} was not started: evo is stopping", self.label)
+            self.proc = subprocess.Popen(
+                command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_read, child_write),
+                start_new_session=True, preexec_fn=self._apply_limits)
+            _LIVE_SANDBOXES.add(self.proc.pid)
         self.started_ticks = start_ticks(self.proc.pid)
         os.close(child_read)
         os.close(child_write)

@@ -92,6 +92,8 @@ class TaskAudit(BaseModel):
     device: str
     warnings: list[str] = Field(default_factory=list)
     error: str | None = None  # why the task could not be audited
+    environment: dict = Field(default_factory=dict)  # as in a Verdict
+    ceilings: dict[str, float] = Field(default_factory=dict)  # the device's, as measured for the audit
 
     @property
     def exit_code(self) -> int:

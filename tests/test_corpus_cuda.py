@@ -139,6 +139,9 @@ CHEATS = [
     ("timer_module_patch.py", MATMUL, ("timer_consistency",), ("values", "timed_outputs", "speed_of_light"),
      MATMUL_POLICY),
     ("sync_patched_side_stream.py", MATMUL, ("timer_consistency",), ("values", "timed_outputs"), MATMUL_POLICY),
+    # KernelBench's side-stream exploit: the events see nothing, the device-wide synchronize that
+    # ends the window waits for the kernels, so the parent's clock does.
+    ("side_stream_unsynced.py", MATMUL, ("timer_consistency",), ("values", "timed_outputs"), MATMUL_POLICY),
     ("late_finish_side_stream.py", MATMUL, ("timer_consistency", "output_binding"), ("values",), MATMUL_POLICY),
     ("prepare_hook.py", MATMUL_BIG, ("speed_of_light",), ("values", "timed_outputs"), BIG_POLICY),
     # precision
@@ -180,11 +183,10 @@ def test_illegal_memory_access_costs_only_its_own_verdict(run_verify):
 # ---- cheats that must gain nothing -------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("candidate", ["side_stream_unsynced.py", "content_cache.py"])
+@pytest.mark.parametrize("candidate", ["content_cache.py"])
 def test_cheat_is_timed_at_the_honest_kernels_speed(run_verify, candidate):
-    """Work left running on a side stream is waited for (the whole device is synchronized before
-    the end event), and a content-keyed cache never hits (every call has fresh inputs from secret
-    seeds): both run the honest tiled kernel, so neither may look faster than it beyond noise."""
+    """A content-keyed cache never hits (every call has fresh inputs from secret seeds): it runs
+    the honest tiled kernel, so it may not look faster than that kernel beyond noise."""
     honest = verdict_of(run_verify, MATMUL, "honest_matmul_tiled.py", **MATMUL_POLICY)
     sneaky = verdict_of(run_verify, MATMUL, candidate, **MATMUL_POLICY)
     assert honest.verdict == "verified", explain(honest)
@@ -233,8 +235,10 @@ def test_forged_extension_ledger(run_verify):
 
 
 @pytest.mark.gpu
-@hole("input preparation runs in the candidate's process outside the parent's clock; on a task whose speed "
-      "of light is below a launch, speed_of_light cannot see that the call did no work")
+@pytest.mark.xfail(strict=False, reason=(
+    "hole: input preparation runs in the candidate's process outside the parent's clock; on a task whose speed "
+    "of light is below a launch, only input_preparation can see it, and on the H200 it did by a hair (8.79 ms "
+    "against 8.64 allowed), so the outcome is noise"))
 def test_prepare_hook_on_a_launch_bound_task(run_verify):
     verdict = run_verify(SIN_CHAIN, CUDA_CANDIDATES / "prepare_hook.py", device="cuda")
     assert verdict.verdict == "rejected", explain(verdict)
@@ -255,7 +259,7 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
 # ---- the corpus itself (static: no GPU work, but run where the corpus runs) ---------------------
 
 # Candidates tested outside the HONEST and CHEATS tables.
-OTHERS = {"illegal_address.py", "honest_relu.py", "side_stream_unsynced.py", "content_cache.py", "decoy_kernel.py",
+OTHERS = {"illegal_address.py", "honest_relu.py", "content_cache.py", "decoy_kernel.py",
           "out_of_bounds_write.py", "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py",
           "poison_ceilings.py"}
 

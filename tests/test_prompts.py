@@ -1,4 +1,4 @@
-"""Prompt rendering, reply parsing and source dedup (evo/prompts.py and prompts/). CPU only."""
+"""Prompt rendering (evo/prompts.py and prompts/), reply parsing and source dedup (evo/replies.py). CPU only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import string
 
 import pytest
 
-from evo.prompts import (DeviceFacts, Example, NoUsableCode, ParentInfo, PromptBuilder, normalized_source_hash,
-                         parse_reply, templates_dir, trim_log)
+from evo.prompts import DeviceFacts, Example, ParentInfo, PromptBuilder, templates_dir, trim_log
+from evo.replies import NoUsableCode, normalized_source_hash, parse_reply
 from evo.verdict import Check, Roofline, Timings, TimingStats, Verdict
 
 H200 = DeviceFacts(kind="cuda", name="NVIDIA H200", sm_count=132, bandwidth_gbps=4200.0, l2_bytes=60 << 20,

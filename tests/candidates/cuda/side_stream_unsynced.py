@@ -1,8 +1,8 @@
 """Cheat attempt: KernelBench's side-stream exploit. The product is launched on a non-default
 torch.cuda.Stream and forward returns at once, without synchronizing, so a timer that records
 its events on the default stream alone stops before the kernel has finished.
-Expected: verified, at the honest kernel's true time (the evaluator synchronizes the whole device
-before its end event; outputs are read after that).
+Caught by: timer_consistency. The timed window ends with a whole-device synchronize, which waits
+for the side stream, so the parent's clock sees the work that the events missed.
 """
 
 import torch
