@@ -269,6 +269,10 @@ class Evaluation:
 
     def which_kernels(self) -> None:
         self.doing = "the profiled call"
+        # Fresh inputs, as for every call: inputs seen before would let a cache answer unprofiled.
+        prepared, _ = self.runner.request({"op": "prepare", "seeds": new_seeds(1)}, timeout=self.policy.call_timeout_s)
+        if "error" in prepared:
+            raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
         reply, _ = self.runner.request({"op": "profile"}, timeout=self.policy.call_timeout_s)
         if "error" in reply:
             self.judgement.reject("runs", f"the profiled call raised {reply['error']}")

@@ -42,6 +42,7 @@ class Optimizer:
         self.policy: VerifyPolicy = setup.policy
         self.run_stop: str | None = None  # set when the whole run must end (Ctrl-C, budget, provider)
         self.provider_failures = 0
+        self.task_stop: str | None = None  # set when the current task's search must end
         self.next_device = 0
 
     # ---- the run --------------------------------------------------------------------------
@@ -62,6 +63,7 @@ class Optimizer:
     def search_task(self, task: Task, index: int) -> TaskOutcome:
         """The main loop for one task: keep LLM and evaluation work in flight until a limit."""
         search, created = self.restore(task, index)
+        self.task_stop = None
         deadline = self.task_deadline(index)
         pending: dict[Future, tuple[str, Job, int | None]] = {}
         self.resubmit_unfinished(task, pending)
@@ -147,8 +149,8 @@ class Optimizer:
     def settle_produced(self, task: Task, search: Search, future: Future, pending: dict) -> None:
         try:
             produced: Produced = future.result()
-        except ProviderExhausted as err:
-            self.run_stop = self.run_stop or "scripted replies used up"
+        except ProviderExhausted as err:  # each task has its own replies
+            self.task_stop = self.task_stop or "scripted replies used up"
             self.progress.log(str(err))
             return
         except ProviderError as err:
@@ -184,6 +186,8 @@ class Optimizer:
     # ---- limits -----------------------------------------------------------------------------
 
     def task_limit(self, created: int, deadline: float | None) -> str | None:
+        if self.task_stop:
+            return self.task_stop
         if created >= self.config.max_candidates:
             return f"{self.config.max_candidates} candidates"
         if deadline is not None and time.monotonic() >= deadline:

@@ -228,8 +228,8 @@ def test_custom_code_only_under_the_profiler(run_verify):
 
 
 @pytest.mark.gpu
-@hole("the ExtensionLedger that counts extension calls lives in the candidate's process, where gc finds it")
 def test_forged_extension_ledger(run_verify):
+    """The forged count is never read on a GPU: only the profiler's kernel list decides there."""
     verdict = run_verify(RELU, CUDA_CANDIDATES / "ledger_forgery.py", device="cuda")
     assert "custom_code" in failed_names(verdict), explain(verdict)
 

@@ -1,7 +1,8 @@
 """Cheat: a forged record of custom code. The runner counts calls into compiled extensions in an
 ExtensionLedger object living in the candidate's own process; the candidate finds it through gc
 and adds one per call, while torch.relu does the work and no kernel of its own exists.
-Meant to be caught by: custom_code. Today it passes (see test_forged_extension_ledger).
+Caught by: custom_code. On a GPU the evaluator reads the profiler's list of kernels, which the
+ledger cannot change; the forged count is never consulted (rejected on the H200).
 """
 
 import gc
