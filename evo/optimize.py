@@ -10,7 +10,6 @@ import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 
 from evo import sandbox_runner
 from evo.archive import Archive
@@ -29,6 +28,7 @@ PROVIDER_FAILURES_TO_STOP = 3  # consecutive failed LLM jobs: the provider is do
 @dataclass
 class TaskOutcome:
     task: str
+    path: str  # the task file, as the archive names it
     best_candidate: int | None
     best_speedup: float | None
     stopped_by: str  # why the search of this task ended
@@ -82,7 +82,7 @@ class Optimizer:
         if not self.run_stop:
             self.archive.save_state(self.setup.run_id, f"finished:{task.name}", stopped_by)
         best = search.best()
-        return TaskOutcome(task.name, best.candidate_id if best else None, best.fitness if best else None, stopped_by)
+        return TaskOutcome(task.name, str(task.path), best.candidate_id if best else None, best.fitness if best else None, stopped_by)
 
     # ---- starting work ----------------------------------------------------------------------
 
@@ -270,17 +270,21 @@ def run_search(setup: RunSetup) -> int:
 
 
 def report_outcomes(setup: RunSetup, outcomes: list[TaskOutcome], progress: Progress) -> None:
+    """For each task: the best verified kernel, its speedup, how it was found, what it cost."""
     totals = setup.archive.totals(setup.run_id)
     print(f"run {setup.run_id}: {totals.candidates} candidates, {totals.verified} verified, "
           f"${totals.spend.cost_usd:.2f} over {totals.spend.llm_calls} LLM calls"
           + (" (scripted replies)" if setup.scripted else ""))
+    spend = {summary.task: summary.spend for summary in setup.archive.run_summary(setup.run_id).tasks}
     for outcome in outcomes:
+        cost = spend.get(outcome.path)
+        cost_text = f"${cost.cost_usd:.2f} over {cost.llm_calls} calls" if cost else "$0.00"
         if outcome.best_candidate is None:
-            print(f"  {outcome.task}: no verified kernel ({outcome.stopped_by})")
+            print(f"  {outcome.task}: no verified kernel; {cost_text} ({outcome.stopped_by})")
             continue
         steps = setup.archive.lineage(outcome.best_candidate)
         lineage = " <- ".join(f"c{step.candidate_id} {step.operator}" for step in steps)
         path = candidate_file(setup.run_dir, outcome.best_candidate, setup.archive.candidate(outcome.best_candidate).source)
         print(f"  {outcome.task}: {outcome.best_speedup:.3f}x the eager reference, c{outcome.best_candidate} "
-              f"({lineage}), {path} ({outcome.stopped_by})")
+              f"({lineage}), {path}; {cost_text} ({outcome.stopped_by})")
     print(f"details: python -m evo archive show {setup.run_id} --archive {setup.archive.path}")

@@ -4,7 +4,6 @@ facts (fixed for the run, so the system prompt stays a cacheable prefix)."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -138,5 +137,3 @@ def resume(archive: Archive, run_id: str) -> RunSetup:
     archive.save_state(run_id, "resumes", resumes)
     return RunSetup(archive, run_id, config, policy, tasks, resumes)
 
-
-__all__ = ["RunSetup", "SetupError", "start", "resume", "dataclasses"]
