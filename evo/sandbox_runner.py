@@ -11,6 +11,7 @@ import ctypes
 import os
 import resource
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,9 @@ def _kill_orphans(since: int) -> None:
                 pass
 
 
+# Sets the sandbox's resource limits and execs it: a subprocess preexec_fn could deadlock
+# while other threads of a search start sandboxes too.
+PRLIMIT = shutil.which("prlimit")
 _refusing = threading.Event()  # set by kill_all: no new sandbox starts until allow_new
 
 
@@ -168,6 +172,8 @@ class SandboxProcess:
         child_read, parent_write = os.pipe()
         parent_read, child_write = os.pipe()
         command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
+        if PRLIMIT:
+            command = [PRLIMIT, *self._limit_flags(), *command]
         become_subreaper()
         with _SANDBOXES_LOCK:
             if _refusing.is_set():
@@ -176,7 +182,7 @@ class SandboxProcess:
             self.proc = subprocess.Popen(
                 command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_read, child_write),
-                start_new_session=True, preexec_fn=self._apply_limits)
+                start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
             _LIVE_SANDBOXES.add(self.proc.pid)
         self.started_ticks = start_ticks(self.proc.pid)
         os.close(child_read)
@@ -190,7 +196,15 @@ class SandboxProcess:
         self.selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
         return self
 
+    def _limit_flags(self) -> list[str]:
+        flags = ["--core=0:0", f"--nofile={self.limits.open_files}:{self.limits.open_files}"]
+        if self.limits.address_space_bytes:
+            flags.append(f"--as={self.limits.address_space_bytes}:{self.limits.address_space_bytes}")
+        return flags
+
     def _apply_limits(self) -> None:
+        """Where prlimit is missing: set the limits between fork and exec (not safe while other
+        threads start processes, which only a multi-threaded search does)."""
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.limits.open_files, self.limits.open_files))
         if self.limits.address_space_bytes:
