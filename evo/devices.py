@@ -199,8 +199,8 @@ def publish_extensions(extensions: list[dict], cache: Path) -> None:
 @contextlib.contextmanager
 def exclusive(device: Device):
     """Hold the device for one evaluation's device work, so that two evo processes on one
-    machine never run on a device at once and skew each other's timings. Yields a callable
-    giving the seconds spent waiting. The lock dies with the process that holds it; it is per
+    machine never run on a device at once and skew each other's timings. Yields the seconds
+    spent waiting. The lock dies with the process that holds it; it is per
     machine and user, whatever cache directory each process uses."""
     locks = Path(tempfile.gettempdir()) / f"evo-{os.getuid()}-device-locks"
     locks.mkdir(mode=0o700, exist_ok=True)
@@ -209,6 +209,6 @@ def exclusive(device: Device):
         fcntl.flock(handle, fcntl.LOCK_EX)
         waited = time.monotonic() - started
         try:
-            yield lambda: waited
+            yield waited
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -60,7 +60,7 @@ class Evaluation:
             self.spawn_processes()  # their interpreter and torch start-up overlaps the build
             self.build()
             with devices.exclusive(self.device) as waited:
-                self.timings.queued_s = waited()
+                self.timings.queued_s = waited
                 self.on_device()
             outcome = None
         except Rejected:
@@ -239,10 +239,13 @@ class Evaluation:
         self.judgement.structure(details["structure"], reply, self.device.torch_name, where)
         self.judgement.flags(details["flags_changed"], f"in {where}")
 
-    def run_candidate(self, seed: int, message: dict, where: str) -> dict:
-        prepared, _ = self.runner.request({"op": "prepare", "seeds": [seed]}, timeout=self.policy.call_timeout_s)
+    def prepare_inputs(self, seeds: list[int]) -> None:
+        prepared, _ = self.runner.request({"op": "prepare", "seeds": seeds}, timeout=self.policy.call_timeout_s)
         if "error" in prepared:
             raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+
+    def run_candidate(self, seed: int, message: dict, where: str) -> dict:
+        self.prepare_inputs([seed])
         reply, _ = self.runner.request(message, timeout=self.policy.call_timeout_s)
         if "error" in reply:
             self.judgement.reject("runs", f"{where}: ModelNew.forward raised {reply['error']}")
@@ -262,7 +265,6 @@ class Evaluation:
             self.judgement.reject("runs", f"during timing: {err}")
         candidate.dump("candidate")
         self.reference.dump("reference")
-        self.timings.candidate = candidate.stats()
         self.timings.timing_s += time.monotonic() - started
         self.judgement.timed(self.reference, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
@@ -270,9 +272,7 @@ class Evaluation:
     def which_kernels(self) -> None:
         self.doing = "the profiled call"
         # Fresh inputs, as for every call: inputs seen before would let a cache answer unprofiled.
-        prepared, _ = self.runner.request({"op": "prepare", "seeds": new_seeds(1)}, timeout=self.policy.call_timeout_s)
-        if "error" in prepared:
-            raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+        self.prepare_inputs(new_seeds(1))
         reply, _ = self.runner.request({"op": "profile"}, timeout=self.policy.call_timeout_s)
         if "error" in reply:
             self.judgement.reject("runs", f"the profiled call raised {reply['error']}")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,7 +92,3 @@ class Progress:
             table.add_row(progress.name, progress.status, str(counts["verified"]), str(counts["rejected"]),
                           str(counts["error"]), str(other), best, progress.best_lineage)
         return table
-
-
-def plain_console() -> Console:
-    return Console(highlight=False, file=sys.stdout)

@@ -12,7 +12,7 @@ from evo import devices, evaluator
 from evo.archive import Archive
 from evo.config import OptimizeConfig, VerifyPolicy
 from evo.prompts import DeviceFacts, Example, ParentInfo, PromptBuilder
-from evo.provider import LLMSpec, ProviderMix, ProviderSettings, default_specs_from_environment, parse_spec
+from evo.provider import LLMSpec, ProviderMix, ScriptedProvider, ProviderSettings, default_specs_from_environment, parse_spec
 from evo.search import Job
 from evo.task import Task, TaskError
 
@@ -52,7 +52,7 @@ class RunSetup:
         for task in self.tasks:
             used = [call for call in self.archive.llm_calls(self.run_id, task=str(task.path)) if call.scripted]
             for provider in self.llms[task.name].providers:
-                if hasattr(provider, "next_index"):
+                if isinstance(provider, ScriptedProvider):
                     provider.next_index = len(used)
 
     def device_facts(self) -> DeviceFacts:
