@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,8 @@ sys.path.insert(0, sys.argv[1])
 import hooks
 task_path, cand_path, device, trials, calls, cache = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 import tempfile
-hooks.install(cache, tempfile.mkdtemp(), False, hooks.ExtensionLedger())
+private = tempfile.mkdtemp()
+hooks.install(cache, private, False, hooks.ExtensionLedger())
 def load(path, name):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); return module
@@ -64,16 +66,26 @@ for _ in range(calls):
         begin.record(); new(*inputs); end.record(); torch.cuda.synchronize(); times.append(begin.elapsed_time(end))
     else:
         t0 = time.perf_counter(); new(*inputs); times.append((time.perf_counter() - t0) * 1e3)
-print(ok, sorted(times)[len(times) // 2], time.perf_counter() - started)
+import pathlib
+rebuilt = any(pathlib.Path(private).rglob("build.ninja"))  # a cache miss: the time would include a build
+print(ok, sorted(times)[len(times) // 2], time.perf_counter() - started, rebuilt)
 '''
 
 
 def naive_seconds(task: str, candidate: str, device: str, trials: int, calls: int, cache: Path) -> float:
     """Wall time of a fresh interpreter doing the naive same-process check."""
+    from evo import devices
+
+    env = dict(os.environ)  # the evaluator's architecture setting, so the naive check finds the same cached build
+    if device == "cuda":
+        env["TORCH_CUDA_ARCH_LIST"] = devices.resolve(device).arch
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", NAIVE, str(ROOT / "sandbox"), str(ROOT / task), str(ROOT / candidate),
+    completed = subprocess.run([sys.executable, "-c", NAIVE, str(ROOT / "sandbox"), str(ROOT / task), str(ROOT / candidate),
                     device, str(trials), str(calls), str(cache / "extensions" / arch_tag(device))],
-                   check=True, capture_output=True, text=True)
+                   check=True, capture_output=True, text=True, env=env)
+    ok, _, _, rebuilt = completed.stdout.split()
+    if ok != "True" or rebuilt != "False":
+        raise SystemExit(f"the naive check of {candidate} failed or rebuilt its extension: {completed.stderr[-2000:]}")
     return time.perf_counter() - started
 
 
@@ -113,7 +125,11 @@ def main() -> None:
                      "startup+correctness_s": later.timings.correctness_s, "timing_s": later.timings.timing_s,
                      "verify_without_build_s": without_build, "naive_s": naive, "ratio": without_build / naive,
                      "timed_calls": calls, "speedup_median": statistics.median(speedups),
-                     "speedup_min": min(speedups), "speedup_max": max(speedups), "spread": spread})
+                     "speedup_min": min(speedups), "speedup_max": max(speedups), "spread": spread,
+                     # where the spread comes from: each run's timed medians and the time charged per call
+                     "reference_ms": [v.timings.reference_eager.median_ms for v in verdicts],
+                     "candidate_ms": [v.timings.candidate.median_ms for v in verdicts],
+                     "charged_ms": [v.timings.candidate.charged_ms for v in verdicts]})
         print(json.dumps(rows[-1]), flush=True)  # a run cut short still shows what it measured
     header = ("task", "build cold", "build cached", "start+correct", "timing", "verify-build", "naive", "ratio",
               "speedup med", "min", "max", "spread")

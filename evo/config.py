@@ -28,7 +28,7 @@ class VerifyPolicy(BaseModel):
     min_timed_calls: int = Field(default=10, ge=3)
     max_timed_calls: int = Field(default=200, ge=3)
     warmup_calls: int = Field(default=3, ge=1)
-    expected_memory_bytes: int = 2 << 30  # timed expected outputs kept by the checker; beyond, recomputed
+    expected_memory_bytes: int = 2 << 30  # timed expected outputs the checker keeps on the device; beyond, recomputed
     build_timeout_s: float = Field(default=900.0, gt=0)
     load_timeout_s: float = Field(default=600.0, gt=0)  # import and construction, including run-time compilation
     call_timeout_s: float = Field(default=60.0, gt=0)  # one call

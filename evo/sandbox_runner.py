@@ -8,6 +8,7 @@ No threads: one selector loop drains the child's output while frames come and go
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import resource
 import selectors
@@ -32,6 +33,18 @@ _LIVE_SANDBOXES: set[int] = set()  # pids of the sandbox leaders this process st
 # Held while a sandbox is started and registered, and while orphans are swept, so that one
 # thread's sweep never takes another thread's sandbox, just forked, for an orphan.
 _SANDBOXES_LOCK = threading.Lock()
+
+
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(fd: int) -> None:
+    """Outputs of a timed window cross these pipes (hundreds of megabytes at times): a wider
+    pipe takes a sixteenth of the system calls. Best effort: the system's limit may be lower."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def become_subreaper() -> None:
@@ -171,6 +184,7 @@ class SandboxProcess:
     def start(self) -> "SandboxProcess":
         child_read, parent_write = os.pipe()
         parent_read, child_write = os.pipe()
+        widen_pipe(parent_write), widen_pipe(child_write)
         command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
         if PRLIMIT:
             command = [PRLIMIT, *self._limit_flags(), *command]

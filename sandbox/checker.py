@@ -175,15 +175,17 @@ class Checker:
         results = [(seed, harness.as_output_list(result)) for (seed, _), result in zip(self.window, raw)]
         digest = harness.checksum([out for _, outputs in results for out in outputs])
         self.reply({"elapsed_ms": elapsed, "checksum": digest})
-        if msg.get("keep_expected"):
+        if msg.get("keep_expected"):  # kept on the device, where the timed outputs are compared
             for seed, outputs in results:
-                self.expected[seed] = [out.detach().cpu() for out in outputs]
+                self.expected[seed] = [out.detach().clone() for out in outputs]
 
     # ---- outputs of the candidate's timed calls ------------------------------------------
 
     def op_compare_timed(self, msg: dict, payload) -> None:
         """The outputs of a window of timed calls, one group per seed, in order."""
-        received = harness.payload_to_tensors(msg["tensors"], payload)
+        # Compared on the device: on a GPU, float64 arithmetic over a window's outputs takes
+        # milliseconds, where the host needs seconds.
+        received = [tensor.to(self.device) for tensor in harness.payload_to_tensors(msg["tensors"], payload)]
         checks = [numerics.check_binding(received, msg["checksum"])]
         per_call = msg["outputs"]
         for position, seed in enumerate(msg["seeds"]):
@@ -191,7 +193,7 @@ class Checker:
             expected = self.expected.pop(seed, None)
             if expected is None:  # not kept (memory budget): recompute now, while nothing is timed
                 inputs = harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device)
-                expected = [out.detach().cpu() for out in self.call_reference(inputs)]
+                expected = self.call_reference(inputs)
             shape = numerics.check_output_meta(outputs, expected)
             value = numerics.check_timed_values(outputs, expected, self.tolerance) if shape["passed"] else shape
             if not value["passed"]:

@@ -185,20 +185,27 @@ def tensor_meta(tensor: torch.Tensor) -> dict:
 
 def tensors_to_payload(tensors: list) -> tuple[list, bytes]:
     """Metadata and concatenated raw bytes of tensors (copied to the host)."""
-    metas, chunks = [], []
-    for tensor in tensors:
-        host = tensor.detach().contiguous().cpu()
-        metas.append(tensor_meta(host))
-        chunks.append(host.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return metas, b"".join(chunks)
+    hosts = [tensor.detach().contiguous().cpu() for tensor in tensors]
+    metas = [tensor_meta(host) for host in hosts]
+    payload = bytearray(sum(meta["nbytes"] for meta in metas))
+    offset = 0
+    for host, meta in zip(hosts, metas):
+        if meta["nbytes"]:
+            target = numpy.frombuffer(payload, dtype=numpy.uint8, count=meta["nbytes"], offset=offset)
+            target[:] = host.reshape(-1).view(torch.uint8).numpy()
+        offset += meta["nbytes"]
+    return metas, payload
 
 
 def payload_to_tensors(metas: list, payload: bytes | bytearray) -> list:
     tensors, offset = [], 0
+    writable = payload if isinstance(payload, bytearray) else bytearray(payload)
     for meta in metas:
         nbytes = int(meta["nbytes"])
         dtype = getattr(torch, meta["dtype"])
-        raw = torch.frombuffer(bytearray(payload[offset: offset + nbytes]), dtype=torch.uint8) if nbytes else \
+        # Views into the payload, which the caller owns (a bytes payload is copied once, since
+        # torch only wraps writable buffers without a warning).
+        raw = torch.frombuffer(writable, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes else \
             torch.empty(0, dtype=torch.uint8)
         tensors.append(raw.view(dtype).reshape(meta["shape"]))
         offset += nbytes
