@@ -7,11 +7,11 @@ import contextlib
 import fcntl
 import os
 import platform
-import time
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 

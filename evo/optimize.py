@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from evo import sandbox_runner
 from evo.archive import Archive
+from evo.archive_views import lineage_text
 from evo.config import OptimizeConfig, VerifyPolicy
 from evo.progress import Progress
 from evo.provider import ProviderError, ProviderExhausted
@@ -180,8 +181,7 @@ class Optimizer:
     def show_best(self, task: Task, search: Search) -> None:
         best = search.best()
         if best is not None:
-            steps = self.archive.lineage(best.candidate_id)
-            self.progress.best(task.name, best.fitness, " <- ".join(f"c{s.candidate_id} {s.operator}" for s in steps))
+            self.progress.best(task.name, best.fitness, lineage_text(self.archive.lineage(best.candidate_id)))
 
     # ---- limits -----------------------------------------------------------------------------
 
@@ -282,8 +282,7 @@ def report_outcomes(setup: RunSetup, outcomes: list[TaskOutcome], progress: Prog
         if outcome.best_candidate is None:
             print(f"  {outcome.task}: no verified kernel; {cost_text} ({outcome.stopped_by})")
             continue
-        steps = setup.archive.lineage(outcome.best_candidate)
-        lineage = " <- ".join(f"c{step.candidate_id} {step.operator}" for step in steps)
+        lineage = lineage_text(setup.archive.lineage(outcome.best_candidate))
         path = candidate_file(setup.run_dir, outcome.best_candidate, setup.archive.candidate(outcome.best_candidate).source)
         print(f"  {outcome.task}: {outcome.best_speedup:.3f}x the eager reference, c{outcome.best_candidate} "
               f"({lineage}), {path}; {cost_text} ({outcome.stopped_by})")

@@ -184,7 +184,8 @@ class SandboxProcess:
     def start(self) -> "SandboxProcess":
         child_read, parent_write = os.pipe()
         parent_read, child_write = os.pipe()
-        widen_pipe(parent_write), widen_pipe(child_write)
+        for write_end in (parent_write, child_write):
+            widen_pipe(write_end)
         command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
         if PRLIMIT:
             command = [PRLIMIT, *self._limit_flags(), *command]
