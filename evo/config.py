@@ -61,7 +61,9 @@ class OptimizeConfig(BaseModel):
     remeasure_elites: bool = True  # re-verify a winner before it becomes a parent
     no_code_retries: int = Field(default=2, ge=0)  # re-asks when a reply has no usable code
     llm_concurrency: int = Field(default=4, ge=1)  # LLM calls in flight
-    evaluations_per_gpu: int = Field(default=2, ge=1)  # in flight per device: builds overlap the device turn
+    # In flight per device, so that builds overlap the device's turns; None: as many as the machine
+    # builds at once, shared among the devices.
+    evaluations_per_gpu: int | None = Field(default=None, ge=1)
     candidate_format: str = Field(default="load_inline", pattern="^(load_inline|nvrtc)$")
     memory: bool = False  # offer verified winners of earlier tasks as examples
     seed: int = 0

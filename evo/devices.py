@@ -152,6 +152,19 @@ def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, 
     return env
 
 
+# Compiler jobs per build (a load_inline extension has two translation units), and the memory one
+# build of torch's headers may take at its peak: together they bound how many builds run at once.
+BUILD_JOBS = 2
+BUILD_MEMORY_BYTES = 3 << 30
+
+
+def parallel_builds() -> int:
+    """How many builds this machine runs at once without oversubscribing its cores or memory."""
+    cores = len(os.sched_getaffinity(0))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(cores // BUILD_JOBS, memory // BUILD_MEMORY_BYTES))
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("EVO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "evo")
     root.mkdir(parents=True, exist_ok=True)

@@ -6,15 +6,14 @@ parent itself observed. The candidate's process never holds an expected output.
 from __future__ import annotations
 
 import secrets
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from evo import devices, isolation, judgement
+from evo import devices, judgement
 from evo.config import VerifyPolicy
 from evo.judgement import Judgement, Rejected
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
+from evo.session import ReferenceTiming, TaskSession
 from evo.timing import SubjectError, expect, plan, time_candidate, time_reference, warm_up
 from evo.verdict import Isolation, TaskAudit, Timings, Verdict
 
@@ -35,18 +34,20 @@ def new_seeds(count: int) -> list[int]:
 class Evaluation:
     """One verification of one candidate against one task."""
 
-    def __init__(self, task: Path, candidate: Path, policy: VerifyPolicy, cache_dir: Path | None = None):
+    def __init__(self, task: Path, candidate: Path, policy: VerifyPolicy, cache_dir: Path | None = None,
+                 session: TaskSession | None = None):
         self.task, self.candidate, self.policy = task.resolve(), candidate.resolve(), policy
-        self.device = devices.resolve(policy.device)
-        self.profile = isolation.probe(policy.use_namespaces)
-        self.limits = devices.limits(policy, self.device)
-        self.cache_dir = cache_dir or devices.cache_dir()
+        self.own_session = session is None  # a one-shot session ends with this evaluation
+        self.session = session or TaskSession(task, policy, cache_dir)
+        self.device, self.profile, self.limits = self.session.device, self.session.profile, self.session.limits
+        self.cache_dir = self.session.cache_dir
         self.judgement = Judgement()
         self.timings = Timings()
         self.processes: list[SandboxProcess] = []
         self.facts: dict = {}
         self.warnings: list[str] = []
         self.extension_calls = 0  # calls into the candidate's compiled extensions, seen in one call
+        self.profiler_ready = False  # whether the profiler process has answered its warm-up
         self.phase = "load"  # the check a candidate process's crash or hang fails: load, then runs
         self.doing = "the build"  # what was under way, for failure messages
 
@@ -54,33 +55,44 @@ class Evaluation:
 
     def run(self) -> Verdict:
         started = time.monotonic()
-        self.workdir = Path(tempfile.mkdtemp(prefix="evo-verify-"))
         try:
             self.check_paths()
-            self.spawn_processes()  # their interpreter and torch start-up overlaps the build
-            self.build()
+            if self.session.standby:  # spares are started: take them once built, so builds in flight hold none
+                self.build()
+                self.spawn_processes()
+            else:  # start-up of the processes overlaps the build
+                self.spawn_processes()
+                self.build()
             with devices.exclusive(self.device) as waited:
                 self.timings.queued_s = waited
-                self.on_device()
+                held = time.monotonic()
+                try:
+                    self.on_device()
+                finally:
+                    self.timings.device_s = time.monotonic() - held
             outcome = None
         except Rejected:
             outcome = None
         except SandboxFailure as failure:
             outcome = self.sandbox_failed(failure)
         except EvaluatorError as err:
+            self.session.discard_trusted()
             outcome = ("error", str(err))
         finally:
             for process in self.processes:
-                process.close()
-            shutil.rmtree(self.workdir, ignore_errors=True)
+                self.session.release(process)
+            if self.own_session:
+                self.session.close()
         self.timings.total_s = time.monotonic() - started
         return self.verdict(outcome)
 
     def on_device(self) -> None:
-        self.start_processes()
+        self.prepare_checker()
         self.time_reference()
         self.load_candidate()
+        self.start_profiled_call()
         self.correctness()
+        self.finish_profiled_call()
         self.time_candidate()
         self.which_kernels()
 
@@ -88,6 +100,7 @@ class Evaluation:
         """A candidate's failure costs only its own verdict; a trusted process's failure is an
         evaluator error. Which one is decided by the process, never by what it printed."""
         if failure.label in TRUSTED_SANDBOXES:
+            self.session.discard_trusted()
             return ("error", f"the evaluator's {failure.label} failed: {failure}")
         if failure.kind == "memory":
             name = "memory"
@@ -98,14 +111,10 @@ class Evaluation:
         self.judgement.fail(name, f"{failure} (during {self.doing})")
         return None
 
-    def sandbox(self, program: str, label: str, env_extra: dict[str, str]) -> SandboxProcess:
-        home = self.workdir / label.replace(" ", "-")
-        home.mkdir()
-        env = devices.sandbox_env(home, self.device, env_extra)
-        process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
-                                 label=label)
+    def own(self, process: SandboxProcess) -> SandboxProcess:
+        """A process of this evaluation's alone, released when it ends."""
         self.processes.append(process)
-        return process.start()
+        return process
 
     # ---- phases -----------------------------------------------------------------------------
 
@@ -116,16 +125,19 @@ class Evaluation:
             raise EvaluatorError(f"candidate file {self.candidate} does not exist; pass the path of a file defining ModelNew")
 
     def spawn_processes(self) -> None:
-        """The checker, the flusher and the candidate process, started at once; the candidate
-        process only imports torch until it is told to load the candidate."""
-        self.checker = self.sandbox("checker.py", "reference checker", {})
-        self.flusher = self.sandbox("flusher.py", "cache flusher", {})
-        self.runner = self.sandbox("candidate.py", "candidate process", {})
+        """The checker and the flusher (unless the session's are running), the process that runs
+        and times the candidate, and the one that profiles it: started at once, or earlier as
+        the session's spares. Candidate processes only import torch until told to load."""
+        self.session.start_trusted()
+        self.checker, self.flusher = self.session.checker, self.session.flusher
+        self.runner = self.own(self.session.take_candidate_process())
+        self.profiler = self.own(self.session.take_candidate_process(profiler=True))
 
     def build(self) -> None:
         self.doing = "the build"
         started = time.monotonic()
-        builder = self.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": ""})
+        builder = self.own(self.session.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": "",
+                                                                        "MAX_JOBS": str(devices.BUILD_JOBS)}))
         reply, _ = builder.request({"candidate": str(self.candidate), "extensions_cache": str(self.extensions_cache()),
                                     "extensions_dir": str(builder.workdir / "extensions"),
                                     "allow_reduced_precision": self.policy.allow_reduced_precision},
@@ -148,57 +160,86 @@ class Evaluation:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def start_processes(self) -> None:
-        """Load the task in the checker, prepare the trials and audit the task."""
+    def prepare_checker(self) -> None:
+        """Load and audit the task in the session's checker unless it has been, have it forget the
+        previous candidate, and compute the reference's outputs for this candidate's trials."""
         started = time.monotonic()
-        self.task_facts = self.init_checker()
-        self.flusher.request({"op": "init", "device": self.device.torch_name, "flush_bytes": self.device.flush_bytes},
-                             timeout=self.policy.load_timeout_s)
+        session, timeout = self.session, self.policy.load_timeout_s
+        if session.task_facts is None:
+            session.task_facts = self.init_checker()
+            self.flusher.request({"op": "init", "device": self.device.torch_name,
+                                  "flush_bytes": self.device.flush_bytes}, timeout=timeout)
+            if self.policy.audit_task:
+                session.audit_warnings = self.ask_checker({"op": "audit", "seeds": new_seeds(3)},
+                                                          "auditing the task")["warnings"]
+        self.task_facts = session.task_facts
+        self.facts = self.task_facts["facts"]
+        self.ask_checker({"op": "begin"}, "resetting the checker")
         self.trial_seeds = new_seeds(self.policy.trials)
-        expect(self.checker.request({"op": "prepare_trials", "seeds": self.trial_seeds},
-                                    timeout=self.policy.load_timeout_s)[0], "the reference")
+        self.ask_checker({"op": "prepare_trials", "seeds": self.trial_seeds}, "running the reference on the trials")
         if not self.task_facts["float64_reference"]:
             self.warnings.append("no float64 reference could run for this task: outputs are compared with the fp32 reference")
-        if self.policy.audit_task:
-            audit, _ = self.checker.request({"op": "audit", "seeds": new_seeds(3)}, timeout=self.policy.load_timeout_s)
-            self.warnings.extend(audit.get("warnings", []))
+        self.warnings.extend(session.audit_warnings)
         self.timings.correctness_s += time.monotonic() - started
+
+    def ask_checker(self, message: dict, doing: str) -> dict:
+        reply, _ = self.checker.request(message, timeout=self.policy.load_timeout_s)
+        if "error" in reply:
+            raise EvaluatorError(reply["error"] if reply.get("user_error") else f"{doing} failed: {reply['error']}")
+        return reply
 
     def time_reference(self) -> None:
         """Time the reference before any candidate code is imported, so nothing a candidate does
-        (a background GPU hog, say) can slow the baseline it is compared with."""
+        (a background GPU hog, say) can slow the baseline it is compared with; or take the
+        session's timing of it while that is fresh. The candidate's timed calls use the seeds
+        the reference was just timed on (their expected outputs are kept), else fresh ones."""
         started = time.monotonic()
+        self.await_profiler()
+        if self.session.reference_fresh():
+            self.reference = self.session.reference
+            self.timed_seeds = self.reference.plan.seeds(new_seeds)
+            self.timings.reference_reused = True
+        else:
+            self.reference = self.measure_reference()
+            self.session.reference = self.reference
+        self.timings.reference_eager = self.reference.stats
+        self.timings.reference_compile = self.reference.compile_stats
+        self.timings.timing_s += time.monotonic() - started
+
+    def measure_reference(self) -> ReferenceTiming:
         policy, timeout = self.policy, self.policy.call_timeout_s
         self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
         try:
             warm = warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
-            self.plan = plan(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls,
-                             self.device.max_window)
+            timed_plan = plan(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls,
+                              self.device.max_window)
             out_bytes = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
-            keep = self.plan.window * self.plan.windows * out_bytes <= policy.expected_memory_bytes
-            self.timed_seeds = self.plan.seeds(new_seeds)
-            self.reference = time_reference(self.checker, self.flusher, self.timed_seeds, "eager", keep, timeout)
-            self.timings.reference_eager = self.reference.stats()
+            keep = timed_plan.window * timed_plan.windows * out_bytes <= policy.expected_memory_bytes
+            self.timed_seeds = timed_plan.seeds(new_seeds)
+            samples = time_reference(self.checker, self.flusher, self.timed_seeds, "eager", keep, timeout)
+            compile_stats = None
             if policy.compile_baseline:
                 warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
                         policy.load_timeout_s, False)
-                self.timings.reference_compile = time_reference(self.checker, self.flusher, self.plan.seeds(new_seeds),
-                                                                "compile", False, timeout).stats()
+                compile_stats = time_reference(self.checker, self.flusher, timed_plan.seeds(new_seeds), "compile",
+                                               False, timeout).stats()
         except SubjectError as err:
             raise EvaluatorError(f"timing the reference failed: {err}") from None
-        self.timings.timing_s += time.monotonic() - started
+        return ReferenceTiming(samples=samples, stats=samples.stats(), compile_stats=compile_stats, plan=timed_plan,
+                               measured_at=time.monotonic())
+
+    def load_message(self, process: SandboxProcess) -> dict:
+        facts = self.task_facts
+        return {"op": "load", "candidate": str(self.candidate), "task": str(self.task), "device": self.device.torch_name,
+                "init_seed": facts["init_seed"], "allow_reduced_precision": self.policy.allow_reduced_precision,
+                "extensions_cache": str(self.extensions_cache()), "extensions_dir": str(process.workdir / "extensions"),
+                "generate_on_device": facts["generate_on_device"], "flush_bytes": self.device.flush_bytes,
+                "poison_sizes": [meta["nbytes"] for meta in facts["outputs"]]}
 
     def load_candidate(self) -> None:
         self.doing = "loading the candidate"
         started = time.monotonic()
-        facts = self.task_facts
-        loaded, _ = self.runner.request({
-            "op": "load", "candidate": str(self.candidate), "task": str(self.task), "device": self.device.torch_name,
-            "init_seed": facts["init_seed"], "allow_reduced_precision": self.policy.allow_reduced_precision,
-            "extensions_cache": str(self.extensions_cache()), "extensions_dir": str(self.runner.workdir / "extensions"),
-            "generate_on_device": facts["generate_on_device"],
-            "flush_bytes": self.device.flush_bytes,
-            "poison_sizes": [meta["nbytes"] for meta in facts["outputs"]]}, timeout=self.policy.load_timeout_s)
+        loaded, _ = self.runner.request(self.load_message(self.runner), timeout=self.policy.load_timeout_s)
         self.timings.correctness_s += time.monotonic() - started
         if "error" in loaded:
             self.judgement.reject("load", loaded["error"])
@@ -229,7 +270,10 @@ class Evaluation:
             verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed, "tensors": details["tensors"],
                                                "outputs": details["outputs"], "checksum": reply["checksum"]},
                                               payload, timeout=self.policy.call_timeout_s)
-            self.judgement.record_all(expect(verdict, "comparing outputs")["checks"], where)
+            if "error" in verdict:  # what the candidate's process sent did not describe its outputs
+                self.judgement.reject("runs", f"{where}: the checker could not read the outputs the candidate's "
+                                              f"process sent ({verdict['error']})")
+            self.judgement.record_all(verdict["checks"], where)
         self.timings.correctness_s += time.monotonic() - started
 
     def judge_details(self, details: dict, reply: dict, where: str) -> None:
@@ -264,27 +308,58 @@ class Evaluation:
         except SubjectError as err:
             self.judgement.reject("runs", f"during timing: {err}")
         candidate.dump("candidate")
-        self.reference.dump("reference")
+        self.reference.samples.dump("reference")
         self.timings.timing_s += time.monotonic() - started
-        self.judgement.timed(self.reference, candidate, self.timings, self.task_facts, self.device,
+        self.judgement.timed(self.reference.samples, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
 
-    def which_kernels(self) -> None:
-        self.doing = "the profiled call"
+    def await_profiler(self) -> None:
+        """The profiler process's warm-up must be over before anything is timed, lest it disturb it."""
+        if not self.profiler_ready:
+            try:  # no candidate code has run there yet: a failure is the evaluator's
+                reply, _ = self.profiler.receive(self.policy.load_timeout_s)
+            except SandboxFailure as failure:
+                raise EvaluatorError(f"starting the profiler failed: {failure}") from None
+            if "error" in reply:
+                raise EvaluatorError(f"starting the profiler failed: {reply['error']}")
+            self.profiler_ready = True
+
+    def start_profiled_call(self) -> None:
+        """One call under the profiler, in a process of its own (a process once profiled launches
+        work more slowly; the profiler's start-up was paid there ahead of need), asked for now so
+        that it runs while the correctness trials do, and is over before anything is timed."""
+        self.await_profiler()
+        self.profiler.send(self.load_message(self.profiler))
         # Fresh inputs, as for every call: inputs seen before would let a cache answer unprofiled.
-        self.prepare_inputs(new_seeds(1))
-        reply, _ = self.runner.request({"op": "profile"}, timeout=self.policy.call_timeout_s)
-        if "error" in reply:
-            self.judgement.reject("runs", f"the profiled call raised {reply['error']}")
-        self.kernels = judgement.classify_kernels(reply, self.extension_calls)
+        self.profiler.send({"op": "prepare", "seeds": new_seeds(1)})
+        self.profiler.send({"op": "profile"})
+
+    def finish_profiled_call(self) -> None:
+        """Collect the profile, then end the process: no candidate code but the timed one runs
+        while the candidate is timed."""
+        self.doing = "the profiled call"
+        loaded, _ = self.profiler.receive(self.policy.load_timeout_s)
+        if "error" in loaded:
+            self.judgement.reject("runs", f"loading the candidate again for the profiled call raised {loaded['error']}")
+        prepared, _ = self.profiler.receive(self.policy.call_timeout_s)
+        if "error" in prepared:
+            raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+        self.profiled, _ = self.profiler.receive(self.policy.call_timeout_s)
+        if "error" in self.profiled:
+            self.judgement.reject("runs", f"the profiled call raised {self.profiled['error']}")
+        self.processes.remove(self.profiler)
+        self.session.release(self.profiler)
+
+    def which_kernels(self) -> None:
+        self.kernels = judgement.classify_kernels(self.profiled, self.extension_calls)
         self.judgement.custom_code(self.kernels, self.policy.require_custom_code, self.device.kind == "cuda")
 
     def audit_only(self) -> TaskAudit:
-        self.workdir = Path(tempfile.mkdtemp(prefix="evo-audit-"))
         try:
             if not self.task.is_file():
                 raise EvaluatorError(f"task file {self.task} does not exist; pass the path of a KernelBench-style task file")
-            self.checker = self.sandbox("checker.py", "reference checker", {})
+            self.session.start_trusted()
+            self.checker = self.session.checker
             with devices.exclusive(self.device):
                 ceilings = self.init_checker()["ceilings"]
                 audit, _ = self.checker.request({"op": "audit", "seeds": new_seeds(3)},
@@ -293,9 +368,7 @@ class Evaluation:
         except (EvaluatorError, SandboxFailure, SubjectError) as err:
             return TaskAudit(status="error", task=str(self.task), device=self.device.torch_name, error=str(err))
         finally:
-            for process in self.processes:
-                process.close()
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.session.close()
         return TaskAudit(status="warnings" if warnings else "ok", task=str(self.task), device=self.device.torch_name,
                          warnings=warnings, environment=devices.environment(self.device, self.facts), ceilings=ceilings)
 
@@ -325,9 +398,12 @@ class Evaluation:
                        **common)
 
 
-def verify(task: Path, candidate: Path, policy: VerifyPolicy, cache_dir: Path | None = None) -> Verdict:
+def verify(task: Path, candidate: Path, policy: VerifyPolicy, cache_dir: Path | None = None,
+           session: TaskSession | None = None) -> Verdict:
+    """Verify one candidate; within a search, pass the task's session to reuse its checker,
+    its reference timing and its spare processes."""
     try:
-        evaluation = Evaluation(task, candidate, policy, cache_dir)
+        evaluation = Evaluation(task, candidate, policy, cache_dir, session)
     except devices.DeviceError as err:
         return Verdict(verdict="error", summary=str(err), task=str(task), candidate=str(candidate),
                        device=policy.device or "auto")

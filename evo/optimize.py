@@ -11,7 +11,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from evo import sandbox_runner
+from evo import devices, sandbox_runner
 from evo.archive import Archive
 from evo.archive_views import lineage_text
 from evo.config import OptimizeConfig, VerifyPolicy
@@ -20,6 +20,7 @@ from evo.provider import ProviderError, ProviderExhausted
 from evo.replies import normalized_source_hash
 from evo.run_setup import RunSetup
 from evo.search import Job, Member, Search
+from evo.session import TaskSession
 from evo.task import Task
 from evo.work import Produced, candidate_file, evaluate, produce
 
@@ -45,12 +46,14 @@ class Optimizer:
         self.provider_failures = 0
         self.task_stop: str | None = None  # set when the current task's search must end
         self.next_device = 0
+        self.evaluations_per_gpu = self.config.evaluations_per_gpu or max(
+            2, devices.parallel_builds() // len(setup.devices))
 
     # ---- the run --------------------------------------------------------------------------
 
     def run(self) -> list[TaskOutcome]:
         outcomes = []
-        evaluations = len(self.setup.devices) * self.config.evaluations_per_gpu
+        evaluations = len(self.setup.devices) * self.evaluations_per_gpu
         with ThreadPoolExecutor(self.config.llm_concurrency, "llm") as self.llm_pool, \
                 ThreadPoolExecutor(evaluations, "evaluate") as self.eval_pool:
             for index, task in enumerate(self.setup.tasks):
@@ -62,6 +65,17 @@ class Optimizer:
         return outcomes
 
     def search_task(self, task: Task, index: int) -> TaskOutcome:
+        """The task's search, with a session per device: its reference checker and timing, and
+        candidate processes started ahead of need, serve every evaluation of the task there."""
+        self.sessions = {device: TaskSession(task.path, self.policy.model_copy(update={"device": device}),
+                                             standby=1) for device in self.setup.devices}
+        try:
+            return self.search_loop(task, index)
+        finally:
+            for session in self.sessions.values():
+                session.close()
+
+    def search_loop(self, task: Task, index: int) -> TaskOutcome:
         """The main loop for one task: keep LLM and evaluation work in flight until a limit."""
         search, created = self.restore(task, index)
         self.task_stop = None
@@ -90,7 +104,7 @@ class Optimizer:
     def start_work(self, task: Task, search: Search, pending: dict, created: int) -> int:
         """Start jobs while there is room; returns how many new candidates they will make."""
         started = 0
-        capacity = self.config.llm_concurrency + len(self.setup.devices) * self.config.evaluations_per_gpu
+        capacity = self.config.llm_concurrency + len(self.setup.devices) * self.evaluations_per_gpu
         while (len(pending) < capacity and created + started < self.config.max_candidates
                and self.llm_in_flight(pending) < self.config.llm_concurrency):
             job = search.next_job()
@@ -114,7 +128,7 @@ class Optimizer:
         device = self.setup.devices[self.next_device % len(self.setup.devices)]
         self.next_device += 1
         path = candidate_file(self.setup.run_dir, candidate_id, source)
-        return self.eval_pool.submit(evaluate, task, path, self.policy, device)
+        return self.eval_pool.submit(evaluate, path, self.sessions[device])
 
     def resubmit_unfinished(self, task: Task, pending: dict) -> None:
         """Candidates a killed run had made but not judged: judge them now."""

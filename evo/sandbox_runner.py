@@ -174,7 +174,9 @@ class SandboxProcess:
         self.isolation, self.workdir, self.env, self.limits, self.label = isolation, workdir, env, limits, label
         self.proc: subprocess.Popen | None = None
         self.stdout, self.stderr = CappedOutput(), CappedOutput()
-        self.parser = wire.FrameParser()
+        # No honest payload outgrows the memory the sandbox may hold; a claim beyond it would
+        # make this process allocate what the sandbox never could.
+        self.parser = wire.FrameParser(payload_limit=limits.memory_bytes)
         self.frames: list[tuple[dict, bytearray]] = []
         self.arrivals: list[float] = []  # perf_counter when each frame's read began
         self.last_arrival = 0.0
@@ -199,6 +201,7 @@ class SandboxProcess:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_read, child_write),
                 start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
             _LIVE_SANDBOXES.add(self.proc.pid)
+        self.pid = self.proc.pid  # kept after close, to name the process in reports and tests
         self.started_ticks = start_ticks(self.proc.pid)
         os.close(child_read)
         os.close(child_write)
@@ -296,6 +299,9 @@ class SandboxProcess:
             else:
                 key.data.add(data)
         self._check_memory()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def _check_memory(self) -> None:
         """At most a few times a second: walking /proc costs more than a short call."""

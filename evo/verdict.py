@@ -28,10 +28,12 @@ class Timings(BaseModel):
     candidate: TimingStats | None = None
     reference_eager: TimingStats | None = None
     reference_compile: TimingStats | None = None
+    reference_reused: bool = False  # the reference was timed for an earlier candidate of the same search, recently
     build_s: float = 0.0  # wall time of the build step
     correctness_s: float = 0.0  # start-up, loading and correctness trials
     timing_s: float = 0.0  # reference and candidate timing
-    queued_s: float = 0.0  # waiting for another evo process to finish with the device
+    queued_s: float = 0.0  # waiting for another evaluation to finish with the device
+    device_s: float = 0.0  # holding the device (no other evaluation used it meanwhile)
     total_s: float = 0.0
 
 

@@ -12,11 +12,11 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
 from evo import evaluator
 from evo.archive import Archive
-from evo.config import VerifyPolicy
 from evo.prompts import PromptBuilder
 from evo.provider import Message, ProviderMix
 from evo.replies import NoUsableCode, parse_reply
 from evo.search import Job
+from evo.session import TaskSession
 from evo.task import Task
 from evo.verdict import Verdict
 
@@ -73,7 +73,8 @@ def candidate_file(run_dir: Path, candidate_id: int, source: str) -> Path:
     return path
 
 
-def evaluate(task: Task, path: Path, policy: VerifyPolicy, device: str) -> Verdict:
-    """One verification on one device. Evaluations on the same device take turns on it (the
-    evaluator's device lock), so builds of several candidates overlap one candidate's timing."""
-    return evaluator.verify(task.path, path, policy.model_copy(update={"device": device}))
+def evaluate(path: Path, session: TaskSession) -> Verdict:
+    """One verification in the session of its task and device. Evaluations on the same device
+    take turns on it (the evaluator's device lock), so builds of several candidates overlap one
+    candidate's timing."""
+    return evaluator.verify(session.task, path, session.policy, session=session)

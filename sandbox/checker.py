@@ -118,6 +118,14 @@ class Checker:
             self.model64 = None
             return None
 
+    def op_begin(self, _msg: dict, _payload) -> None:
+        """A new candidate: nothing of the previous one's trials, timed outputs or tolerance stays."""
+        self.trials, self.expected, self.tolerance, self.window = {}, {}, None, []
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        self.reply({"ok": True})
+
     # ---- correctness trials ---------------------------------------------------------------
 
     def op_prepare_trials(self, msg: dict, _payload) -> None:

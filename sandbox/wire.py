@@ -58,7 +58,8 @@ def read_frame(fd: int) -> tuple[dict, bytearray]:
 class FrameParser:
     """Incremental parser for the parent, which reads without blocking."""
 
-    def __init__(self) -> None:
+    def __init__(self, payload_limit: int | None = None) -> None:
+        self.payload_limit = payload_limit  # bytes a frame's payload may have: more is a protocol violation
         self.buffer = bytearray()
         self.state = "length"  # then "header", then "payload"
         self.need = 4
@@ -84,6 +85,8 @@ class FrameParser:
                 if not isinstance(self.header, dict):
                     raise ValueError("frame header is not a JSON object")
                 self.need = int(self.header.get("payload", 0))
+                if self.payload_limit is not None and self.need > self.payload_limit:
+                    raise ValueError(f"a payload of {self.need} bytes exceeds the process's memory limit")
                 self.state = "payload"
             else:
                 frames.append((self.header, chunk))

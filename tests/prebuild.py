@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,6 @@ os.environ.setdefault("MAX_JOBS", "2")  # compiler jobs per build, so the builds
 
 def build(candidate: Path, cache: Path, device: str) -> str:
     evaluation = Evaluation(candidate, candidate, VerifyPolicy(device=device), cache)
-    evaluation.workdir = Path(tempfile.mkdtemp(prefix="evo-prebuild-"))
     started = time.monotonic()
     try:
         evaluation.build()
@@ -36,8 +34,7 @@ def build(candidate: Path, cache: Path, device: str) -> str:
     except SandboxFailure as failure:  # a candidate that crashes its build; verify reports it
         return f"{candidate.name}: not built ({failure})"
     finally:
-        for process in evaluation.processes:
-            process.close()
+        evaluation.session.close()
 
 
 def main() -> None:

@@ -1,0 +1,205 @@
+"""Candidates evaluated per hour: a KernelBench-style harness against evo, measured in one run.
+
+    python benchmarks/throughput.py [--candidates 16] [--baseline 4] [--formats load_inline,nvrtc]
+
+The candidates are variants of one ReLU kernel on examples/tasks/relu.py (block sizes differ,
+every source is unique, so nothing is served from a cache); every fifth is wrong on purpose.
+  * baseline, the way KernelBench's harness evaluates: one candidate after another, each in a
+    fresh interpreter that builds it with load_inline into an empty build directory, checks 5
+    trials with allclose and times 100 calls with CUDA events. It runs the first --baseline
+    load_inline candidates (each costs a cold build) and its rate is measured on them;
+  * evo: every candidate of a format through `evaluator.verify` in one task session (checker and
+    reference timing reused, candidate processes started ahead of need), as many at once as the
+    machine builds in parallel, with an empty build cache.
+Printed: candidates per hour, the ratio to the baseline, the median build seconds per
+candidate, the GPU's busy fraction (time a candidate's device work held the GPU, over the wall
+time), and whether both ways gave the same verdicts on the candidates both evaluated.
+Targets (issue 6): >= 30x the baseline for NVRTC candidates, >= 15x for load_inline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from evo import devices  # noqa: E402
+from evo.config import VerifyPolicy  # noqa: E402
+from evo.evaluator import verify  # noqa: E402
+from evo.session import TaskSession  # noqa: E402
+
+TASK = ROOT / "examples" / "tasks" / "relu.py"
+BLOCKS = (128, 256, 512, 1024)
+
+KERNEL = r"""
+extern "C" __global__ void relu_v{index}(const float* __restrict__ x, float* __restrict__ y, int n) {{
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // variant {index}
+    if (i < n) {{ float v = x[i]; y[i] = {expression}; }}
+}}
+"""
+
+LOAD_INLINE = r'''
+import torch, torch.nn as nn
+from torch.utils.cpp_extension import load_inline
+CUDA = r"""
+#include <cuda_runtime.h>
+{kernel}
+void launch_v{index}(const float* x, float* y, int n, cudaStream_t s) {{
+    relu_v{index}<<<(n + {block} - 1) / {block}, {block}, 0, s>>>(x, y, n);
+}}
+"""
+CPP = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+void launch_v{index}(const float* x, float* y, int n, cudaStream_t s);
+torch::Tensor forward(torch::Tensor x) {{
+    auto y = torch::empty_like(x);
+    launch_v{index}(x.data_ptr<float>(), y.data_ptr<float>(), (int)x.numel(), c10::cuda::getCurrentCUDAStream());
+    return y;
+}}
+"""
+ext = load_inline("throughput_v{index}_{salt}", cpp_sources=CPP, cuda_sources=CUDA, functions=["forward"])
+class ModelNew(nn.Module):
+    def forward(self, x):
+        return ext.forward(x.contiguous())
+'''
+
+NVRTC = r'''
+import torch, torch.nn as nn
+SOURCE = r"""{kernel}"""
+class ModelNew(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kernel = torch.cuda._compile_kernel(SOURCE, "relu_v{index}")
+    def forward(self, x):
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        n = x.numel()
+        self.kernel(grid=((n + {block} - 1) // {block}, 1, 1), block=({block}, 1, 1), args=[x, y, n])
+        return y
+'''
+
+# KernelBench's evaluation of one candidate, in its own interpreter: build, 5 trials, 100 timed calls.
+KERNELBENCH = r'''
+import importlib.util, json, sys, time, torch
+started = time.perf_counter()
+spec = importlib.util.spec_from_file_location("task", sys.argv[1]); task = importlib.util.module_from_spec(spec); spec.loader.exec_module(task)
+built = time.perf_counter()
+try:
+    spec = importlib.util.spec_from_file_location("cand", sys.argv[2]); cand = importlib.util.module_from_spec(spec); spec.loader.exec_module(cand)
+except Exception as err:
+    print(json.dumps({"verdict": "rejected", "build_s": time.perf_counter() - built, "gpu_s": 0.0})); sys.exit()
+build_s = time.perf_counter() - built
+gpu_started = time.perf_counter()
+torch.manual_seed(42); ref = task.Model(*task.get_init_inputs()).cuda()
+torch.manual_seed(42); new = cand.ModelNew(*task.get_init_inputs()).cuda()
+ok = True
+for trial in range(5):
+    torch.manual_seed(42 + trial)
+    inputs = [x.cuda() for x in task.get_inputs()]
+    ok = ok and torch.allclose(ref(*inputs), new(*inputs), atol=1e-2, rtol=1e-2)
+times = []
+for _ in range(100):
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record(); new(*inputs); end.record(); torch.cuda.synchronize(); times.append(begin.elapsed_time(end))
+print(json.dumps({"verdict": "verified" if ok else "rejected", "build_s": build_s, "gpu_s": time.perf_counter() - gpu_started}))
+'''
+
+
+def write_candidates(directory: Path, fmt: str, count: int, salt: str) -> list[Path]:
+    paths = []
+    for index in range(count):
+        wrong = index % 5 == 4
+        kernel = KERNEL.format(index=index, expression="v > 0.f ? v : -v" if wrong else "v > 0.f ? v : 0.f")
+        template = LOAD_INLINE if fmt == "load_inline" else NVRTC
+        path = directory / f"{fmt}_{index:03d}.py"
+        path.write_text(template.format(kernel=kernel, index=index, block=BLOCKS[index % len(BLOCKS)], salt=salt))
+        paths.append(path)
+    return paths
+
+
+def index_of(name: str) -> int:
+    return int(Path(name).stem.rsplit("_", 1)[1])
+
+
+def expected_verdict(index: int) -> str:
+    return "rejected" if index % 5 == 4 else "verified"
+
+
+def run_baseline(candidates: list[Path]) -> dict:
+    """One candidate after another, each in a fresh interpreter with an empty build directory."""
+    verdicts, builds, gpu = {}, [], 0.0
+    started = time.perf_counter()
+    for path in candidates:
+        with tempfile.TemporaryDirectory(prefix="kb-build-") as build_dir:
+            env = dict(os.environ, TORCH_EXTENSIONS_DIR=build_dir, TORCH_CUDA_ARCH_LIST=devices.resolve("cuda").arch)
+            out = subprocess.run([sys.executable, "-c", KERNELBENCH, str(TASK), str(path)], env=env,
+                                 capture_output=True, text=True, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        verdicts[path.name] = result["verdict"]
+        builds.append(result["build_s"])
+        gpu += result["gpu_s"]
+    wall = time.perf_counter() - started
+    return {"way": "KernelBench-style, load_inline", "candidates": len(candidates), "wall_s": wall,
+            "per_hour": len(candidates) / wall * 3600, "build_s_median": statistics.median(builds),
+            "gpu_busy": gpu / wall, "verdicts": verdicts}
+
+
+def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
+    policy = VerifyPolicy(device="cuda")
+    workers = devices.parallel_builds()
+    started = time.perf_counter()
+    with TaskSession(TASK, policy, cache, standby=1) as session, ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
+    wall = time.perf_counter() - started
+    problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results) if v.verdict == "error"]
+    return {"way": f"evo, {fmt}", "candidates": len(candidates), "wall_s": wall,
+            "per_hour": len(candidates) / wall * 3600,
+            "build_s_median": statistics.median(v.timings.build_s for v in results),
+            "gpu_busy": sum(v.timings.device_s for v in results) / wall,
+            "device_s_median": statistics.median(v.timings.device_s for v in results),
+            "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "errors": problems[:3]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", type=int, default=16, help="candidates of each format evo evaluates")
+    parser.add_argument("--baseline", type=int, default=4, help="load_inline candidates the baseline evaluates")
+    parser.add_argument("--formats", default="load_inline,nvrtc")
+    args = parser.parse_args()
+    salt = f"{os.getpid()}_{int(time.time())}"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="evo-throughput-") as scratch:
+        scratch = Path(scratch)
+        sets = {fmt: write_candidates(scratch, fmt, args.candidates, salt) for fmt in args.formats.split(",")}
+        baseline_set = sets["load_inline"][: args.baseline] if "load_inline" in sets else \
+            write_candidates(scratch, "load_inline", args.baseline, salt)
+        rows.append(run_baseline(baseline_set))
+        print(json.dumps(rows[-1]), flush=True)
+        for fmt, candidates in sets.items():
+            rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}"))
+            print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]
+    print("| way | candidates | wall s | candidates/hour | vs baseline | median build s | GPU busy | same verdicts |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        by_index = {index_of(name): verdict for name, verdict in row["verdicts"].items()}
+        # The same verdicts: the baseline's on the candidates it ran, and as built (every fifth wrong) on all.
+        same = all(by_index[index_of(name)] == verdict for name, verdict in base["verdicts"].items()) and \
+            all(verdict == expected_verdict(index) for index, verdict in by_index.items())
+        print(f"| {row['way']} | {row['candidates']} | {row['wall_s']:.0f} | {row['per_hour']:.0f} | "
+              f"{row['per_hour'] / base['per_hour']:.1f}x | {row['build_s_median']:.1f} | {row['gpu_busy']:.0%} | "
+              f"{'yes' if same else 'NO'} |")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The trusted side of a task's evaluations on one device, kept between candidates: the
+reference checker and the cache flusher (started once per task), what they learned of the task
+(its facts, its audit), the reference's timing (re-timed when it grows stale), and candidate
+processes started ahead of need, so that no evaluation waits for an interpreter to start.
+
+Every candidate still gets fresh processes of its own and fresh secret seeds: nothing is
+reused that a candidate has touched. `evo verify` uses a session once; the search keeps one
+per task and device for the whole search of that task.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from evo import devices, isolation
+from evo.config import VerifyPolicy
+from evo.sandbox_runner import SandboxProcess
+from evo.timing import Plan, Samples
+from evo.verdict import TimingStats
+
+# The reference is timed again when its timing is older than this, so that a long search
+# follows the device's drift (clocks, temperature) instead of comparing against the morning.
+REFERENCE_STALE_S = 600.0
+
+
+@dataclass
+class ReferenceTiming:
+    """The reference's timing, shared by the evaluations of a session while it is fresh."""
+
+    samples: Samples  # the eager reference's calls, under the same protocol as a candidate's
+    stats: TimingStats
+    compile_stats: TimingStats | None  # torch.compile of the reference, when asked for
+    plan: Plan  # how many timed calls, in windows of how many, for both subjects
+    measured_at: float  # time.monotonic() when it was measured
+
+
+class TaskSession:
+    """One task on one device. Its trusted processes serve one evaluation at a time (the
+    evaluation holds the device's lock while it uses them); taking candidate processes is
+    safe from several threads."""
+
+    def __init__(self, task: Path, policy: VerifyPolicy, cache_dir: Path | None = None, standby: int = 0):
+        self.task, self.policy = task.resolve(), policy
+        self.device = devices.resolve(policy.device)
+        self.profile = isolation.probe(policy.use_namespaces)
+        self.limits = devices.limits(policy, self.device)
+        self.cache_dir = cache_dir or devices.cache_dir()
+        self.standby = standby  # candidate processes of each kind kept started ahead of need
+        self.workdir = Path(tempfile.mkdtemp(prefix="evo-session-"))
+        self.lock = threading.Lock()
+        self.checker: SandboxProcess | None = None
+        self.flusher: SandboxProcess | None = None
+        self.task_facts: dict | None = None  # the checker's description of the task, once initialized
+        self.audit_warnings: list[str] = []
+        self.reference: ReferenceTiming | None = None
+        self.spares: dict[bool, list[SandboxProcess]] = {False: [], True: []}  # by "warms the profiler"
+        self.started = 0  # sandboxes started, for their directories' names
+
+    # ---- processes ------------------------------------------------------------------------
+
+    def sandbox(self, program: str, label: str, env_extra: dict[str, str] | None = None) -> SandboxProcess:
+        with self.lock:
+            self.started += 1
+            home = self.workdir / f"{label.replace(' ', '-')}-{self.started}"
+        home.mkdir()
+        env = devices.sandbox_env(home, self.device, env_extra or {})
+        process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
+                                 label=label)
+        return process.start()
+
+    def start_trusted(self) -> None:
+        """Start the checker and the flusher unless both are running; they load the task later,
+        under the device's lock."""
+        running = all(process is not None and process.running() for process in (self.checker, self.flusher))
+        if not running:
+            self.discard_trusted()
+            self.checker = self.sandbox("checker.py", "reference checker")
+            self.flusher = self.sandbox("flusher.py", "cache flusher")
+
+    def take_candidate_process(self, profiler: bool = False) -> SandboxProcess:
+        """A started candidate process no candidate has used, and a spare started in its place.
+        A profiler process is sent a warm-up first (the profiler's own start-up takes seconds),
+        whose reply the taker must receive; profiling slows a process's later launches, so the
+        process that is timed never warms it."""
+        with self.lock:
+            spares = self.spares[profiler]
+            process = spares.pop(0) if spares else None
+        process = process or self.start_candidate_process(profiler)
+        self.fill_spares()
+        return process
+
+    def start_candidate_process(self, profiler: bool) -> SandboxProcess:
+        process = self.sandbox("candidate.py", "candidate profiler" if profiler else "candidate process")
+        if profiler:
+            process.send({"op": "warm_profiler"})
+        return process
+
+    def fill_spares(self) -> None:
+        for profiler in (False, True):
+            while True:
+                with self.lock:
+                    if len(self.spares[profiler]) >= self.standby:
+                        break
+                process = self.start_candidate_process(profiler)
+                with self.lock:
+                    self.spares[profiler].append(process)
+
+    def release(self, process: SandboxProcess) -> None:
+        """A process is never used again: kill it (a candidate's owes us no goodbye) and remove its
+        directory."""
+        process.kill()
+        process.close()
+        shutil.rmtree(process.workdir, ignore_errors=True)
+
+    # ---- what the trusted processes know --------------------------------------------------
+
+    def reference_fresh(self) -> bool:
+        return self.reference is not None and time.monotonic() - self.reference.measured_at < REFERENCE_STALE_S
+
+    def discard_trusted(self) -> None:
+        """After a failure of the checker or the flusher, or of the reference's timing: the next
+        evaluation starts them afresh rather than trust a process in an unknown state."""
+        for process in (self.checker, self.flusher):
+            if process is not None:
+                self.release(process)
+        with self.lock:
+            self.checker = self.flusher = None
+            self.task_facts, self.reference = None, None
+
+    def close(self) -> None:
+        self.discard_trusted()
+        with self.lock:
+            spares = self.spares[False] + self.spares[True]
+            self.spares = {False: [], True: []}
+        for process in spares:
+            self.release(process)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "TaskSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

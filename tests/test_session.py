@@ -1,0 +1,107 @@
+"""A task's session serves many evaluations, as in a search: its checker, flusher and reference
+timing are reused, every candidate still gets fresh processes and fresh secret seeds, and
+nothing one candidate does reaches the next (invariants 4 and 5 of DESIGN.md). CPU versions."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from conftest import CPU_CANDIDATES, EXAMPLE_TASKS, ROOT, failed_names
+from evo.config import VerifyPolicy
+from evo.evaluator import Evaluation
+from evo.session import TaskSession
+from test_faults import descendants
+
+RELU = EXAMPLE_TASKS / "relu.py"
+HONEST = ROOT / "examples" / "candidates" / "relu_cpu.py"
+FAULTS = ROOT / "tests" / "candidates" / "faults"
+POLICY = VerifyPolicy(device="cpu", trials=2, timing_budget_s=0.2, call_timeout_s=5, load_timeout_s=120)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def session(cache_dir):
+    with TaskSession(RELU, POLICY, cache_dir, standby=1) as session:
+        yield session
+
+
+def evaluate(session: TaskSession, candidate=HONEST) -> Evaluation:
+    evaluation = Evaluation(RELU, candidate, POLICY, session=session)
+    evaluation.verdict_seen = evaluation.run()
+    return evaluation
+
+
+def test_reference_and_checker_are_reused_and_candidates_get_fresh_processes_and_seeds(session):
+    first, second = evaluate(session), evaluate(session)
+    assert first.verdict_seen.verdict == second.verdict_seen.verdict == "verified", second.verdict_seen.summary
+    assert not first.timings.reference_reused and second.timings.reference_reused
+    assert first.timings.reference_eager == second.timings.reference_eager
+    assert first.checker is second.checker and first.checker.running()
+    assert first.runner.pid != second.runner.pid
+    assert first.profiler.pid != second.profiler.pid
+    assert not first.runner.running() and not first.profiler.running()  # used once, then killed
+    assert not set(first.trial_seeds) & set(second.trial_seeds)
+    first_timed = {seed for window in first.timed_seeds for seed in window}
+    second_timed = {seed for window in second.timed_seeds for seed in window}
+    assert first_timed and second_timed and not first_timed & second_timed
+
+
+def test_spares_are_started_ahead_of_need(session):
+    evaluate(session)
+    spares = session.spares[False] + session.spares[True]
+    assert len(spares) == 2 and all(process.running() for process in spares)
+    taken = session.take_candidate_process()
+    assert taken is spares[0]
+    session.release(taken)
+
+
+def test_a_crashing_candidate_leaves_the_session_working(session):
+    evaluate(session)
+    crashed = evaluate(session, FAULTS / "segfault.py")
+    assert crashed.verdict_seen.verdict == "rejected" and "runs" in failed_names(crashed.verdict_seen)
+    after = evaluate(session)
+    assert after.verdict_seen.verdict == "verified", after.verdict_seen.summary
+    assert after.timings.reference_reused
+
+
+def test_a_candidate_rejected_in_its_outputs_does_not_change_the_next_verdict(session):
+    cheat = evaluate(session, CPU_CANDIDATES / "stale_empty.py")
+    assert cheat.verdict_seen.verdict == "rejected"
+    after = evaluate(session)
+    assert after.verdict_seen.verdict == "verified", after.verdict_seen.summary
+    assert after.timings.reference_eager == cheat.timings.reference_eager
+
+
+def test_a_dead_checker_is_started_again(session):
+    first = evaluate(session)
+    os.killpg(first.checker.pid, signal.SIGKILL)
+    first.checker.proc.wait()
+    after = evaluate(session)
+    assert after.verdict_seen.verdict == "verified", after.verdict_seen.summary
+    assert after.checker is not first.checker and not after.timings.reference_reused
+
+
+def test_closing_a_session_leaves_no_process(cache_dir):
+    with TaskSession(RELU, POLICY, cache_dir, standby=1) as session:
+        evaluate(session)
+        assert descendants(os.getpid())
+    assert not descendants(os.getpid())
+
+
+@pytest.mark.gpu
+def test_a_corrupted_cuda_context_costs_only_its_own_verdict_in_a_session(cache_dir):
+    """An illegal memory access kills its own context; the session's checker, its reference
+    timing and the next candidate are untouched."""
+    from conftest import CUDA_CANDIDATES
+
+    policy = VerifyPolicy(device="cuda", timing_budget_s=0.3, max_timed_calls=50)
+    with TaskSession(RELU, policy, cache_dir, standby=1) as session:
+        verdicts = [Evaluation(RELU, CUDA_CANDIDATES / name, policy, session=session).run()
+                    for name in ("honest_relu.py", "illegal_address.py", "honest_relu.py")]
+    assert [v.verdict for v in verdicts] == ["verified", "rejected", "verified"], [v.summary for v in verdicts]
+    assert verdicts[2].timings.reference_reused
+    assert verdicts[2].timings.reference_eager == verdicts[0].timings.reference_eager
