@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="allow TF32, bf16 operands and fast-math flags")
     add_common(optimize)
 
+    export = commands.add_parser("export", help="write a verified kernel as a PyTorch package (custom op, build, tests)")
+    export.add_argument("target", metavar="RUN_ID|TASK.py|CANDIDATE_ID",
+                        help="the best verified kernel of a run, of a task across runs, or one candidate (c42)")
+    export.add_argument("--to", type=Path, required=True, metavar="DIR", help="the directory to write the package to")
+    export.add_argument("--task", help="which of a run's tasks (a name or file), or the task file if it has moved")
+    export.add_argument("--name", help="the package's import name (default: evo_ and the task's name)")
+    export.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST of the build (default: the GPU the kernel was measured on)")
+    export.add_argument("--force", action="store_true",
+                        help="write into a non-empty directory: an earlier export there is replaced, other files are kept")
+    export.add_argument("--archive", type=Path, help="the archive's SQLite file (default archive/evo.sqlite)")
+
     archive = commands.add_parser("archive", help="look inside the archive: list, show, best, diff")
     archive.add_argument("action", choices=["list", "show", "best", "diff"])
     archive.add_argument("names", nargs="*", help="show RUN_ID|CANDIDATE_ID; best [TASK]; diff CANDIDATE CANDIDATE")
@@ -93,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "archive":
         return commands.archive_command(args)
+    if args.command == "export":
+        return commands.export_command(args)
     try:
         policy = policy_from(args)
     except ConfigError as err:

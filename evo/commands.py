@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
-from evo import archive_views, optimize, run_setup
+from evo import archive_views, export, optimize, run_setup
 from evo.archive import DEFAULT_PATH, Archive, ArchiveError
 from evo.config import ConfigError, VerifyPolicy, load_optimize
 from evo.provider import ProviderError
@@ -58,4 +59,26 @@ def archive_command(args: argparse.Namespace) -> int:
             console.print(archive_views.diff_view(archive, first, second))
     except ArchiveError as err:
         return fail(str(err))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    try:
+        archive = Archive(args.archive or DEFAULT_PATH, create=False)
+        done = export.export(archive, args.target, args.to, task=args.task, name=args.name, arch=args.arch,
+                             force=args.force)
+    except (ArchiveError, export.ExportError) as err:
+        return fail(str(err))
+    except OSError as err:
+        return fail(f"cannot write the export to {args.to} ({err.strerror or err}); pass a directory you can write to")
+    candidate = done.candidate
+    environment = candidate.environment or {}
+    where = environment.get("gpu") or environment.get("cpu") or "the CPU"
+    print(f"exported c{candidate.candidate_id} (task {Path(candidate.task).stem}, {candidate.fitness:.2f}x on {where}) "
+          f"to {done.directory} as the package {done.package}")
+    for note in done.notes:
+        print(f"note: {note}")
+    print(f"next: pip install --no-build-isolation {done.directory}\n"
+          f"then: import {done.package}; {done.package}.swap_in(model, TheModuleItReplaces)  "
+          f"(README.md in {done.directory} says how it was verified)")
     return 0
