@@ -194,7 +194,6 @@ class Evaluation:
         session's timing of it while that is fresh. The candidate's timed calls use the seeds
         the reference was just timed on (their expected outputs are kept), else fresh ones."""
         started = time.monotonic()
-        self.await_profiler()
         if self.session.reference_fresh():
             self.reference = self.session.reference
             self.timed_seeds = self.reference.plan.seeds(new_seeds)
@@ -208,6 +207,7 @@ class Evaluation:
 
     def measure_reference(self) -> ReferenceTiming:
         policy, timeout = self.policy, self.policy.call_timeout_s
+        self.await_profiler()
         self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
         try:
             warm = warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
@@ -248,12 +248,10 @@ class Evaluation:
 
     def init_checker(self) -> dict:
         """Load the task in the checker; its reply describes the task's inputs, outputs and work."""
-        reply, _ = self.checker.request({
+        reply = self.ask_checker({
             "op": "init", "task": str(self.task), "device": self.device.torch_name,
             "compile_baseline": self.policy.compile_baseline, "flush_bytes": self.device.flush_bytes,
-            "policy": self.policy.model_dump()}, timeout=self.policy.load_timeout_s)
-        if "error" in reply:
-            raise EvaluatorError(reply["error"] if reply.get("user_error") else f"the reference process failed: {reply['error']}")
+            "policy": self.policy.model_dump()}, "the reference process")
         self.facts = reply["facts"]
         return reply
 
@@ -285,6 +283,12 @@ class Evaluation:
 
     def prepare_inputs(self, seeds: list[int]) -> None:
         prepared, _ = self.runner.request({"op": "prepare", "seeds": seeds}, timeout=self.policy.call_timeout_s)
+        self.inputs_made(prepared)
+
+    @staticmethod
+    def inputs_made(prepared: dict) -> None:
+        """The task's own generator makes the inputs in a candidate's process, before its code runs
+        on them: a failure there is the task's or the evaluator's."""
         if "error" in prepared:
             raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
 
@@ -341,9 +345,7 @@ class Evaluation:
         loaded, _ = self.profiler.receive(self.policy.load_timeout_s)
         if "error" in loaded:
             self.judgement.reject("runs", f"loading the candidate again for the profiled call raised {loaded['error']}")
-        prepared, _ = self.profiler.receive(self.policy.call_timeout_s)
-        if "error" in prepared:
-            raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+        self.inputs_made(self.profiler.receive(self.policy.call_timeout_s)[0])
         self.profiled, _ = self.profiler.receive(self.policy.call_timeout_s)
         if "error" in self.profiled:
             self.judgement.reject("runs", f"the profiled call raised {self.profiled['error']}")

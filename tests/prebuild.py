@@ -14,13 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from evo import devices
 from evo.config import VerifyPolicy
 from evo.evaluator import Evaluation, EvaluatorError
 from evo.judgement import Rejected
 from evo.sandbox_runner import SandboxFailure
 
-PARALLEL_BUILDS = max(1, (os.cpu_count() or 2) // 2)
-os.environ.setdefault("MAX_JOBS", "2")  # compiler jobs per build, so the builds share the cores
 
 
 def build(candidate: Path, cache: Path, device: str) -> str:
@@ -40,7 +39,7 @@ def build(candidate: Path, cache: Path, device: str) -> str:
 def main() -> None:
     cache = Path(os.environ["EVO_TEST_CACHE_DIR"])
     device = os.environ.get("EVO_PREBUILD_DEVICE", "cuda")
-    with ThreadPoolExecutor(PARALLEL_BUILDS) as pool:
+    with ThreadPoolExecutor(devices.parallel_builds()) as pool:
         for line in pool.map(lambda path: build(Path(path), cache, device), sys.argv[1:]):
             print(line, flush=True)
 
