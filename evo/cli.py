@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from evo import commands, evaluator, report
+from evo import commands, evaluator, report, task_audit
 from evo.config import ConfigError, load_policy
 
 
@@ -117,6 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         verdict = evaluator.verify(args.task, args.candidate, policy)
         report.show_verdict(verdict, as_json=args.json)
         return verdict.exit_code
-    audit = evaluator.check_task(args.task, policy)
+    audit = task_audit.check_task(args.task, policy)
     report.show_audit(audit, as_json=args.json)
     return audit.exit_code

@@ -103,9 +103,15 @@ def query_gpus() -> list[tuple[str, str, str]]:
     return [tuple(part.strip() for part in line.split(",")) for line in out.stdout.strip().splitlines() if line]
 
 
+def usable_gpus() -> list[str]:
+    """The GPUs evo may use, as nvidia-smi indices: those CUDA_VISIBLE_DEVICES names where it is
+    set (nvidia-smi itself ignores it), else every GPU; "cuda:N" is the N-th of them."""
+    parent_visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return parent_visible or [index for index, _, _ in list_gpus()]
+
+
 def resolve(requested: str | None) -> Device:
     gpus = list_gpus()
-    parent_visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if requested in (None, "cuda") or (requested or "").startswith("cuda:"):
         if not gpus:
             if requested is None:
@@ -113,7 +119,7 @@ def resolve(requested: str | None) -> Device:
             raise DeviceError(f"--device {requested} was asked for but no NVIDIA GPU is visible (nvidia-smi found none); "
                               "use --device cpu to verify C++ candidates on the CPU")
         ordinal = int(requested.split(":")[1]) if requested and ":" in requested else 0
-        choices = parent_visible or [index for index, _, _ in gpus]
+        choices = usable_gpus()
         if ordinal >= len(choices):
             raise DeviceError(f"--device {requested} names GPU {ordinal}, but only {len(choices)} are visible")
         physical = choices[ordinal]

@@ -14,8 +14,9 @@ from evo.config import VerifyPolicy
 from evo.judgement import Judgement, Rejected
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import ReferenceTiming, TaskSession
-from evo.timing import SubjectError, expect, plan, time_candidate, time_reference, warm_up
-from evo.verdict import Isolation, TaskAudit, Timings, Verdict
+from evo.timing import (Samples, SubjectError, exchanged, plan, time_candidate, time_reference, timer_consistency,
+                        warm_up)
+from evo.verdict import Timings, Verdict
 
 
 class EvaluatorError(Exception):
@@ -23,6 +24,8 @@ class EvaluatorError(Exception):
 
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
+# What a candidate's process must say of every call's outputs, and of what type.
+DETAILS = {"structure": list, "flags_changed": list, "extension_calls": int, "outputs": int}
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 
 
@@ -63,12 +66,14 @@ class Evaluation:
             else:  # start-up of the processes overlaps the build
                 self.spawn_processes()
                 self.build()
+            self.await_candidate_processes()
             with devices.exclusive(self.device) as waited:
                 self.timings.queued_s = waited
                 held = time.monotonic()
                 try:
                     self.on_device()
-                finally:
+                finally:  # the candidate's code is gone before another may use the device or the exchange
+                    self.release_processes()
                     self.timings.device_s = time.monotonic() - held
             outcome = None
         except Rejected:
@@ -79,8 +84,7 @@ class Evaluation:
             self.session.discard_trusted()
             outcome = ("error", str(err))
         finally:
-            for process in self.processes:
-                self.session.release(process)
+            self.release_processes()
             if self.own_session:
                 self.session.close()
         self.timings.total_s = time.monotonic() - started
@@ -110,6 +114,13 @@ class Evaluation:
             name = self.phase
         self.judgement.fail(name, f"{failure} (during {self.doing})")
         return None
+
+    def release_processes(self) -> None:
+        for process in self.processes:
+            self.session.release(process)
+        if self.processes:
+            self.session.exchange.clear()
+        self.processes = []
 
     def own(self, process: SandboxProcess) -> SandboxProcess:
         """A process of this evaluation's alone, released when it ends."""
@@ -203,11 +214,19 @@ class Evaluation:
             self.session.reference = self.reference
         self.timings.reference_eager = self.reference.stats
         self.timings.reference_compile = self.reference.compile_stats
+        self.exchange_bytes = self.reserve_exchange()
         self.timings.timing_s += time.monotonic() - started
+
+    def reserve_exchange(self) -> int:
+        """Room in the exchange buffer for what a candidate's process hands back at once: a trial's
+        outputs and inputs, or a timed window's outputs; twice that, so that outputs of a wrong
+        dtype still arrive to be judged."""
+        outputs = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
+        inputs = sum(meta["nbytes"] for meta in self.task_facts["inputs"])
+        return self.session.exchange.reserve(2 * max(outputs + inputs, self.reference.plan.window * outputs))
 
     def measure_reference(self) -> ReferenceTiming:
         policy, timeout = self.policy, self.policy.call_timeout_s
-        self.await_profiler()
         self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
         try:
             warm = warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
@@ -261,13 +280,14 @@ class Evaluation:
         for number, seed in enumerate(self.trial_seeds, 1):
             where = f"trial {number} of {len(self.trial_seeds)}"
             self.doing = where
-            reply = self.run_candidate(seed, {"op": "run", "send_outputs": True, "send_inputs": True}, where)
-            details, payload = self.runner.receive(self.policy.call_timeout_s)
+            reply = self.run_candidate(seed, {"op": "run", "send_outputs": True, "send_inputs": True,
+                                              "exchange_bytes": self.exchange_bytes}, where)
+            details, _ = self.runner.receive(self.policy.call_timeout_s)
             self.judge_details(details, reply, where)
             self.extension_calls = max(self.extension_calls, details["extension_calls"])
-            verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed, "tensors": details["tensors"],
-                                               "outputs": details["outputs"], "checksum": reply["checksum"]},
-                                              payload, timeout=self.policy.call_timeout_s)
+            verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed, **exchanged(details, reply),
+                                               "exchange_bytes": self.exchange_bytes},
+                                              timeout=self.policy.call_timeout_s)
             if "error" in verdict:  # what the candidate's process sent did not describe its outputs
                 self.judgement.reject("runs", f"{where}: the checker could not read the outputs the candidate's "
                                               f"process sent ({verdict['error']})")
@@ -278,6 +298,10 @@ class Evaluation:
         """What the candidate process said of its outputs and of the global flags after a call."""
         if "error" in details:
             self.judgement.reject("runs", f"{where}: describing the outputs raised {details['error']}")
+        missing = [name for name, kind in DETAILS.items() if not isinstance(details.get(name), kind)]
+        if missing:
+            self.judgement.reject("runs", f"{where}: the candidate's process described its outputs without "
+                                          f"{', '.join(missing)} (its harness was tampered with)")
         self.judgement.structure(details["structure"], reply, self.device.torch_name, where)
         self.judgement.flags(details["flags_changed"], f"in {where}")
 
@@ -306,9 +330,14 @@ class Evaluation:
         self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
             warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True)
-            candidate = time_candidate(self.runner, self.checker, self.flusher, self.timed_seeds, policy.call_timeout_s,
-                                       lambda checks: self.judgement.record_all(checks, "a timed call"),
-                                       lambda details, reply: self.judge_details(details, reply, "a timed call"))
+            candidate = self.timed_calls(self.timed_seeds)
+            if not timer_consistency(self.reference.samples, candidate, self.device.kind)[0].passed:
+                # A host that stalled the candidate's process looks like a tampered timer once;
+                # tampering shows every time. Fresh seeds, so no output of the first timing helps.
+                self.warnings.append("the candidate's first timing left more time outside its timer than allowed "
+                                     "(a stalled host, or a tampered timer); it was timed again on fresh inputs, "
+                                     "and that timing is judged")
+                candidate = self.timed_calls(self.reference.plan.seeds(new_seeds))
         except SubjectError as err:
             self.judgement.reject("runs", f"during timing: {err}")
         candidate.dump("candidate")
@@ -317,15 +346,34 @@ class Evaluation:
         self.judgement.timed(self.reference.samples, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
 
+    def timed_calls(self, seeds: list[list[int]]) -> Samples:
+        return time_candidate(self.runner, self.checker, self.flusher, seeds, self.exchange_bytes,
+                              self.policy.call_timeout_s, lambda checks: self.judgement.record_all(checks, "a timed call"),
+                              lambda details, reply: self.judge_details(details, reply, "a timed call"))
+
+    def await_candidate_processes(self) -> None:
+        """Waiting for interpreters to start must not hold the device. The profiler's warm-up is
+        awaited here too unless the reference is to be timed, which it may overlap."""
+        self.await_started(self.runner, "starting the candidate process")
+        if self.session.reference_fresh():
+            self.await_profiler()
+
+    def await_started(self, process: SandboxProcess, doing: str) -> dict:
+        """The reply to a process's first request, sent before any candidate code was there: a
+        failure is the evaluator's."""
+        try:
+            reply, _ = process.receive(self.policy.load_timeout_s)
+        except SandboxFailure as failure:
+            raise EvaluatorError(f"{doing} failed: {failure}") from None
+        if "error" in reply:
+            raise EvaluatorError(f"{doing} failed: {reply['error']}")
+        return reply
+
     def await_profiler(self) -> None:
-        """The profiler process's warm-up must be over before anything is timed, lest it disturb it."""
+        """The profiler process's warm-up (seconds of imports and profiler set-up, on one core; it
+        leaves the device alone) may overlap the reference's timing, and ends before the candidate's."""
         if not self.profiler_ready:
-            try:  # no candidate code has run there yet: a failure is the evaluator's
-                reply, _ = self.profiler.receive(self.policy.load_timeout_s)
-            except SandboxFailure as failure:
-                raise EvaluatorError(f"starting the profiler failed: {failure}") from None
-            if "error" in reply:
-                raise EvaluatorError(f"starting the profiler failed: {reply['error']}")
+            self.await_started(self.profiler, "starting the profiler")
             self.profiler_ready = True
 
     def start_profiled_call(self) -> None:
@@ -356,37 +404,14 @@ class Evaluation:
         self.kernels = judgement.classify_kernels(self.profiled, self.extension_calls)
         self.judgement.custom_code(self.kernels, self.policy.require_custom_code, self.device.kind == "cuda")
 
-    def audit_only(self) -> TaskAudit:
-        try:
-            if not self.task.is_file():
-                raise EvaluatorError(f"task file {self.task} does not exist; pass the path of a KernelBench-style task file")
-            self.session.start_trusted()
-            self.checker = self.session.checker
-            with devices.exclusive(self.device):
-                ceilings = self.init_checker()["ceilings"]
-                audit, _ = self.checker.request({"op": "audit", "seeds": new_seeds(3)},
-                                                timeout=self.policy.load_timeout_s)
-            warnings = expect(audit, "auditing the task")["warnings"]
-        except (EvaluatorError, SandboxFailure, SubjectError) as err:
-            return TaskAudit(status="error", task=str(self.task), device=self.device.torch_name, error=str(err))
-        finally:
-            self.session.close()
-        return TaskAudit(status="warnings" if warnings else "ok", task=str(self.task), device=self.device.torch_name,
-                         warnings=warnings, environment=devices.environment(self.device, self.facts), ceilings=ceilings)
-
     # ---- the verdict ------------------------------------------------------------------------
 
     def verdict(self, outcome: tuple[str, str] | None) -> Verdict:
-        environment = devices.environment(self.device, self.facts)
-        isolation_report = Isolation(
-            method=self.profile.method, network_isolated=self.profile.network_isolated,
-            pid_namespace=self.profile.pid_namespace, user_namespace=self.profile.user_namespace,
-            read_only_filesystem=self.profile.read_only_filesystem,
-            memory_limit_bytes=self.limits.memory_bytes, call_timeout_s=self.policy.call_timeout_s,
-            visible_gpus=self.device.visible, notes=list(self.profile.notes))
         common = dict(task=str(self.task), candidate=str(self.candidate), device=self.device.torch_name,
                       checks=self.judgement.checks, timings=self.timings, warnings=self.warnings,
-                      isolation=isolation_report, environment=environment,
+                      isolation=self.profile.report(self.limits.memory_bytes, self.policy.call_timeout_s,
+                                                    self.device.visible),
+                      environment=devices.environment(self.device, self.facts),
                       kernels=getattr(self, "kernels", None), roofline=self.judgement.roofline)
         if outcome is not None:
             return Verdict(verdict="error", summary=outcome[1], **common)
@@ -410,12 +435,3 @@ def verify(task: Path, candidate: Path, policy: VerifyPolicy, cache_dir: Path | 
         return Verdict(verdict="error", summary=str(err), task=str(task), candidate=str(candidate),
                        device=policy.device or "auto")
     return evaluation.run()
-
-
-def check_task(task: Path, policy: VerifyPolicy, cache_dir: Path | None = None) -> TaskAudit:
-    """The task audit on its own: load the task in a checker process and probe its outputs."""
-    try:
-        evaluation = Evaluation(task, task, policy, cache_dir)
-    except devices.DeviceError as err:
-        return TaskAudit(status="error", task=str(task), device=policy.device or "auto", error=str(err))
-    return evaluation.audit_only()

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from evo import devices, evaluator
+from evo import devices, task_audit
 from evo.archive import Archive
 from evo.config import OptimizeConfig, VerifyPolicy
 from evo.prompts import DeviceFacts, Example, ParentInfo, PromptBuilder
@@ -59,7 +59,7 @@ class RunSetup:
         """Measured once per run by a checker on the first task, and kept in the archive."""
         saved = self.archive.load_state(self.run_id, "device_facts")
         if saved is None:
-            audit = evaluator.check_task(self.tasks[0].path, self.policy.model_copy(update={"device": self.devices[0]}))
+            audit = task_audit.check_task(self.tasks[0].path, self.policy.model_copy(update={"device": self.devices[0]}))
             if audit.status == "error":
                 raise SetupError(f"the first task could not be loaded: {audit.error}")
             saved = {"device": audit.device, "environment": audit.environment, "roofline": {"ceilings": audit.ceilings},
@@ -111,8 +111,7 @@ def device_list(policy: VerifyPolicy) -> list[str]:
     device = devices.resolve(policy.device)
     if policy.device not in (None, "cuda") or device.kind == "cpu":
         return [device.torch_name if policy.device is None else policy.device]
-    visible = devices.list_gpus()
-    return [f"cuda:{index}" for index in range(len(visible))] or ["cuda:0"]
+    return [f"cuda:{ordinal}" for ordinal in range(len(devices.usable_gpus()))] or ["cuda:0"]
 
 
 def start(archive: Archive, config: OptimizeConfig, policy: VerifyPolicy, tasks: list[Task]) -> RunSetup:

@@ -169,8 +169,9 @@ class CappedOutput:
 
 class SandboxProcess:
     def __init__(self, program: str, *, isolation: IsolationProfile, workdir: Path, env: dict[str, str],
-                 limits: Limits, label: str):
+                 limits: Limits, label: str, exchange_fd: int | None = None):
         self.program = SANDBOX_DIR / program
+        self.exchange_fd = exchange_fd  # the session's exchange buffer, for the checker and candidate processes
         self.isolation, self.workdir, self.env, self.limits, self.label = isolation, workdir, env, limits, label
         self.proc: subprocess.Popen | None = None
         self.stdout, self.stderr = CappedOutput(), CappedOutput()
@@ -188,7 +189,8 @@ class SandboxProcess:
         parent_read, child_write = os.pipe()
         for write_end in (parent_write, child_write):
             widen_pipe(write_end)
-        command = self.isolation.command(self.workdir, [sys.executable, str(self.program), f"{child_read},{child_write}"])
+        given = (child_read, child_write) + ((self.exchange_fd,) if self.exchange_fd is not None else ())
+        command = self.isolation.command(self.workdir, [sys.executable, str(self.program), ",".join(map(str, given))])
         if PRLIMIT:
             command = [PRLIMIT, *self._limit_flags(), *command]
         become_subreaper()
@@ -198,7 +200,7 @@ class SandboxProcess:
                 raise SandboxFailure("stopped", f"the {self.label} was not started: evo is stopping", self.label)
             self.proc = subprocess.Popen(
                 command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_read, child_write),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=given,
                 start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
             _LIVE_SANDBOXES.add(self.proc.pid)
         self.pid = self.proc.pid  # kept after close, to name the process in reports and tests

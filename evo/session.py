@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evo import devices, isolation
+from evo.exchange import ExchangeBuffer
 from evo.config import VerifyPolicy
 from evo.sandbox_runner import SandboxProcess
 from evo.timing import Plan, Samples
@@ -59,18 +60,20 @@ class TaskSession:
         self.audit_warnings: list[str] = []
         self.reference: ReferenceTiming | None = None
         self.spares: dict[bool, list[SandboxProcess]] = {False: [], True: []}  # by "warms the profiler"
+        self.exchange = ExchangeBuffer()  # outputs from candidate processes to the checker
         self.started = 0  # sandboxes started, for their directories' names
 
     # ---- processes ------------------------------------------------------------------------
 
-    def sandbox(self, program: str, label: str, env_extra: dict[str, str] | None = None) -> SandboxProcess:
+    def sandbox(self, program: str, label: str, env_extra: dict[str, str] | None = None,
+                exchange: bool = False) -> SandboxProcess:
         with self.lock:
             self.started += 1
             home = self.workdir / f"{label.replace(' ', '-')}-{self.started}"
         home.mkdir()
         env = devices.sandbox_env(home, self.device, env_extra or {})
         process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
-                                 label=label)
+                                 label=label, exchange_fd=self.exchange.fd if exchange else None)
         return process.start()
 
     def start_trusted(self) -> None:
@@ -79,14 +82,15 @@ class TaskSession:
         running = all(process is not None and process.running() for process in (self.checker, self.flusher))
         if not running:
             self.discard_trusted()
-            self.checker = self.sandbox("checker.py", "reference checker")
+            self.checker = self.sandbox("checker.py", "reference checker", exchange=True)
             self.flusher = self.sandbox("flusher.py", "cache flusher")
 
     def take_candidate_process(self, profiler: bool = False) -> SandboxProcess:
         """A started candidate process no candidate has used, and a spare started in its place.
-        A profiler process is sent a warm-up first (the profiler's own start-up takes seconds),
-        whose reply the taker must receive; profiling slows a process's later launches, so the
-        process that is timed never warms it."""
+        Its first request is sent at once, whose reply the taker must receive: the timed process
+        says when it is ready, a profiler process warms the profiler up first (its own start-up
+        takes seconds); profiling slows a process's later launches, so the process that is timed
+        never warms it."""
         with self.lock:
             spares = self.spares[profiler]
             process = spares.pop(0) if spares else None
@@ -95,9 +99,10 @@ class TaskSession:
         return process
 
     def start_candidate_process(self, profiler: bool) -> SandboxProcess:
-        process = self.sandbox("candidate.py", "candidate profiler" if profiler else "candidate process")
-        if profiler:
-            process.send({"op": "warm_profiler"})
+        # Only the timed process hands outputs back: the profiler's gets no exchange buffer.
+        process = self.sandbox("candidate.py", "candidate profiler" if profiler else "candidate process",
+                               exchange=not profiler)
+        process.send({"op": "warm_profiler" if profiler else "ready"})
         return process
 
     def fill_spares(self) -> None:
@@ -139,6 +144,7 @@ class TaskSession:
             self.spares = {False: [], True: []}
         for process in spares:
             self.release(process)
+        self.exchange.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TaskSession":

@@ -127,8 +127,10 @@ def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[i
     expect(subject.request({"op": "prepare", "seeds": seeds}, timeout=timeout * len(seeds))[0], "making the inputs")
     prepare_ms = (subject.last_arrival - started) * 1e3
     flusher.request({"op": "flush"}, timeout=timeout)
-    subject.send(run_message, timeout=timeout * len(seeds))
+    # The clock starts before the message leaves: were this process preempted between the two,
+    # a clock started after could miss part of the window and make the subject's timer look slow.
     started = time.perf_counter()
+    subject.send(run_message, timeout=timeout * len(seeds))
     reply, _ = subject.receive(timeout * len(seeds))
     return expect(reply, "the call"), (subject.last_arrival - started) * 1e3, prepare_ms
 
@@ -144,23 +146,30 @@ def time_reference(checker: SandboxProcess, flusher: SandboxProcess, windows: li
 
 
 def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: SandboxProcess,
-                   windows: list[list[int]], timeout: float, judge: Callable[[list[dict]], None],
-                   judge_details: Callable[[dict, dict], None]) -> Samples:
+                   windows: list[list[int]], exchange_bytes: int, timeout: float,
+                   judge: Callable[[list[dict]], None], judge_details: Callable[[dict, dict], None]) -> Samples:
     """Time the candidate on the given windows of seeds. What the candidate says of its outputs
-    goes to `judge_details`; the outputs themselves go to the checker, whose checks go to
-    `judge`. Both raise to stop at the first failure."""
+    goes to `judge_details`; the outputs themselves go to the checker through the exchange
+    buffer, and the checker's checks go to `judge`. Both raise to stop at the first failure."""
     samples = Samples()
+    run = {"op": "run", "send_outputs": True, "exchange_bytes": exchange_bytes}
     for seeds in windows:
-        reply, wall, prepare = timed_window(candidate, flusher, seeds, {"op": "run", "send_outputs": True}, timeout)
-        details, payload = candidate.receive(timeout)
+        reply, wall, prepare = timed_window(candidate, flusher, seeds, run, timeout)
+        details, _ = candidate.receive(timeout)
         expect(details, "describing the outputs")
         samples.add_window(reply["elapsed_ms"], wall, prepare)
         judge_details(details, reply)
-        verdict, _ = checker.request({"op": "compare_timed", "seeds": seeds, "tensors": details["tensors"],
-                                      "outputs": details["outputs"], "checksum": reply["checksum"]},
-                                     payload, timeout=timeout)
+        verdict, _ = checker.request({"op": "compare_timed", "seeds": seeds, **exchanged(details, reply),
+                                      "exchange_bytes": exchange_bytes}, timeout=timeout)
         judge(expect(verdict, "comparing timed outputs")["checks"])
     return samples
+
+
+def exchanged(details: dict, reply: dict) -> dict:
+    """What the checker needs to read a call's outputs from the exchange buffer and bind them
+    to the checksum taken when the call ended."""
+    return {"tensors": details.get("tensors"), "outputs": details["outputs"], "exchanged": details.get("exchanged") is True,
+            "checksum": reply.get("checksum")}
 
 
 def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,

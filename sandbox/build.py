@@ -40,7 +40,7 @@ BUILD_NICENESS = 19
 
 
 def main() -> None:
-    read_fd, write_fd = harness.channel_from_argv()
+    read_fd, write_fd, _ = harness.channel_from_argv()
     os.nice(BUILD_NICENESS)
     msg, _ = wire.read_frame(read_fd)
     ledger = hooks.ExtensionLedger()

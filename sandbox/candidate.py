@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import exchange  # noqa: E402
 import harness  # noqa: E402
 import hooks  # noqa: E402
 import wire  # noqa: E402
@@ -30,8 +31,9 @@ _read_frame = wire.read_frame
 
 
 class Runner:
-    def __init__(self, read_fd: int, write_fd: int):
+    def __init__(self, read_fd: int, write_fd: int, exchange_fd: int | None):
         self.read_fd, self.write_fd = read_fd, write_fd
+        self.exchange = exchange.Exchange(exchange_fd, writable=True)
         self.model = None
         self.window: list = []  # input sets of the next window of calls
         self.ledger = hooks.ExtensionLedger()
@@ -52,6 +54,10 @@ class Runner:
                 _write_frame(self.write_fd, {"error": str(err)})
             except Exception as err:  # the candidate's code raised during this step
                 _write_frame(self.write_fd, {"error": harness.describe_exception(err)})
+
+    def op_ready(self, _msg: dict) -> None:
+        """Answered once torch is imported and the device initialized."""
+        _write_frame(self.write_fd, {"ready": True})
 
     def op_warm_profiler(self, _msg: dict) -> None:
         """Start the profiler once on a trivial call, before any candidate code is here: its
@@ -126,11 +132,11 @@ class Runner:
                                  for out in outputs],
                    "flags_changed": self.changed_flags(), "extension_calls": self.ledger.calls - calls_before,
                    "outputs": len(results[0])}
-        payload = b""
         if msg.get("send_outputs") and plain:
             sent = everything + (self.window[0] if msg.get("send_inputs") else [])
-            details["tensors"], payload = harness.tensors_to_payload(sent)
-        _write_frame(self.write_fd, details, payload)
+            details["tensors"], details["exchanged"] = harness.tensors_to_exchange(sent, self.exchange,
+                                                                                   msg["exchange_bytes"])
+        _write_frame(self.write_fd, details)
 
     def describe_output(self, out, inputs: list) -> dict:
         item = {"type": f"{_exact_type(out).__module__}.{_exact_type(out).__qualname__}",
@@ -174,9 +180,9 @@ class Runner:
 
 
 def main() -> None:
-    read_fd, write_fd = harness.channel_from_argv()
+    read_fd, write_fd, exchange_fd = harness.channel_from_argv()
     harness.start_device()
-    Runner(read_fd, write_fd).serve()
+    Runner(read_fd, write_fd, exchange_fd).serve()
 
 
 if __name__ == "__main__":

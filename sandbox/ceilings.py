@@ -54,3 +54,9 @@ def count_flops(model, inputs: list) -> int:
     except Exception:
         return 0
     return int(counter.get_total_flops())
+
+
+def warm_flop_counter() -> None:
+    """Count a trivial call once, while the process waits for its first request: the counter's
+    first use imports much of torch (seconds), which would otherwise delay the task's start."""
+    count_flops(torch.nn.Linear(2, 2), [torch.ones(1, 2)])

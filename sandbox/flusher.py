@@ -22,7 +22,7 @@ import wire  # noqa: E402
 
 
 def main() -> None:
-    read_fd, write_fd = harness.channel_from_argv()
+    read_fd, write_fd, _ = harness.channel_from_argv()
     harness.start_device()
     harness.forbid_tracing()
     flusher = None

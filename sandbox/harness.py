@@ -183,35 +183,11 @@ def tensor_meta(tensor: torch.Tensor) -> dict:
             "nbytes": tensor.numel() * tensor.element_size()}
 
 
-def tensors_to_payload(tensors: list) -> tuple[list, bytes]:
-    """Metadata and concatenated raw bytes of tensors (copied to the host)."""
-    hosts = [tensor.detach().contiguous().cpu() for tensor in tensors]
-    metas = [tensor_meta(host) for host in hosts]
-    payload = bytearray(sum(meta["nbytes"] for meta in metas))
-    offset = 0
-    for host, meta in zip(hosts, metas):
-        if meta["nbytes"]:
-            target = numpy.frombuffer(payload, dtype=numpy.uint8, count=meta["nbytes"], offset=offset)
-            target[:] = host.reshape(-1).view(torch.uint8).numpy()
-        offset += meta["nbytes"]
-    return metas, payload
-
-
-def payload_to_tensors(metas: list, payload: bytes | bytearray) -> list:
-    tensors, offset = [], 0
-    writable = payload if isinstance(payload, bytearray) else bytearray(payload)
-    for meta in metas:
-        nbytes = int(meta["nbytes"])
-        dtype = getattr(torch, meta["dtype"])
-        # Views into the payload, which the caller owns (a bytes payload is copied once, since
-        # torch only wraps writable buffers without a warning).
-        raw = torch.frombuffer(writable, dtype=torch.uint8, count=nbytes, offset=offset) if nbytes else \
-            torch.empty(0, dtype=torch.uint8)
-        tensors.append(raw.view(dtype).reshape(meta["shape"]))
-        offset += nbytes
-    if offset != len(payload):
-        raise ValueError(f"payload has {len(payload)} bytes, metadata describes {offset}")
-    return tensors
+def tensors_to_exchange(tensors: list, exchange, size: int) -> tuple[list, bool]:
+    """Metadata of the tensors, and whether their bytes were written to the exchange buffer
+    (they are not when they would overflow its `size` bytes)."""
+    metas = [tensor_meta(tensor) for tensor in tensors]
+    return metas, exchange.write(tensors, size, metas)
 
 
 def checksum(tensors: list) -> int:
@@ -359,7 +335,8 @@ def cpu_name() -> str:
     return "unknown"
 
 
-def channel_from_argv() -> tuple[int, int]:
-    """The (read, write) file descriptors of the message channel, named in argv[1]."""
-    read_fd, write_fd = (int(part) for part in sys.argv[1].split(","))
-    return read_fd, write_fd
+def channel_from_argv() -> tuple[int, int, int | None]:
+    """The (read, write) file descriptors of the message channel, named in argv[1], and the
+    exchange buffer's where evo gave one."""
+    fds = [int(part) for part in sys.argv[1].split(",")]
+    return fds[0], fds[1], fds[2] if len(fds) > 2 else None

@@ -72,7 +72,8 @@ def check_written(outputs: list, expected: list) -> dict:
             continue
         stale = torch.isnan(out) | (out.reshape(-1).view(torch.uint8).reshape(-1, out.element_size())
                                     == HOST_POISON_BYTE).all(dim=1).reshape(out.shape) if out.numel() else torch.isnan(out)
-        unwritten = stale & torch.isfinite(ref.to(out.dtype)) & (ref.to(out.dtype) != poison_pattern(out.dtype))
+        poison = poison_pattern(out.dtype).to(out.device)
+        unwritten = stale & torch.isfinite(ref.to(out.dtype)) & (ref.to(out.dtype) != poison)
         if unwritten.any():
             first = int(unwritten.reshape(-1).nonzero()[0])
             count = int(unwritten.sum())

@@ -164,6 +164,14 @@ def test_cheat_is_rejected_by_its_check(run_verify, candidate, task, meant, must
         assert name in passed_names(verdict), f"{name} should have passed (caught where meant); " + explain(verdict)
 
 
+def test_a_tampered_timer_is_timed_again_before_it_is_rejected(run_verify):
+    """A stalled host can look like a tampered timer once; the candidate is timed again on fresh
+    inputs, and the tampering shows the second time too."""
+    verdict = run_verify(RELU, CPU_CANDIDATES / "timer_patch.py", device="cpu")
+    assert "timer_consistency" in failed_names(verdict), explain(verdict)
+    assert any("timed again on fresh inputs" in warning for warning in verdict.warnings), verdict.warnings
+
+
 # ---- honest candidates -------------------------------------------------------------------------
 
 HONEST = [

@@ -4,6 +4,7 @@ nothing one candidate does reaches the next (invariants 4 and 5 of DESIGN.md). C
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 
@@ -83,6 +84,29 @@ def test_a_dead_checker_is_started_again(session):
     after = evaluate(session)
     assert after.verdict_seen.verdict == "verified", after.verdict_seen.summary
     assert after.checker is not first.checker and not after.timings.reference_reused
+
+
+def exchange_bytes(session: TaskSession, length: int) -> bytes:
+    with mmap.mmap(session.exchange.fd, length, prot=mmap.PROT_READ) as view:
+        return view[:]
+
+
+def test_the_exchange_buffer_is_cleared_between_candidates(session):
+    """Outputs cross from a candidate's process to the checker through a buffer the session
+    keeps; the next candidate must not find the last one's bytes there."""
+    verified = evaluate(session)
+    assert verified.verdict_seen.verdict == "verified", verified.verdict_seen.summary
+    assert os.fstat(session.exchange.fd).st_size >= verified.exchange_bytes > 0
+    assert not any(exchange_bytes(session, verified.exchange_bytes))
+
+
+def test_a_candidate_cannot_shrink_the_exchange_buffer_under_the_checker(session):
+    tamper = evaluate(session, FAULTS / "exchange_tamper.py")
+    assert tamper.verdict_seen.verdict == "verified", tamper.verdict_seen.summary
+    assert os.fstat(session.exchange.fd).st_size > 8 << 30  # it could grow the file, and only that
+    assert not any(exchange_bytes(session, tamper.exchange_bytes))
+    after = evaluate(session)
+    assert after.verdict_seen.verdict == "verified", after.verdict_seen.summary
 
 
 def test_closing_a_session_leaves_no_process(cache_dir):

@@ -1,5 +1,5 @@
 """Cheat: background work that lands before the outputs are read. forward returns at once
-while a thread computes the output; the harness's serializer (tensors_to_payload) is patched
+while a thread computes the output; the harness's serializer (tensors_to_exchange) is patched
 to wait for the thread, so the bytes sent are right, but they were not there when the timer
 stopped.
 Caught by: output_binding (the checksum taken when the call returned differs from the bytes sent).
@@ -73,14 +73,14 @@ def fill_later(x, out):
 
 _harness = sys.modules.get("harness")
 if _harness is not None:
-    _serialize = _harness.tensors_to_payload
+    _serialize = _harness.tensors_to_exchange
 
-    def _wait_then_serialize(tensors):
+    def _wait_then_serialize(tensors, *rest):
         while _pending:
             _pending.pop().join()
-        return _serialize(tensors)
+        return _serialize(tensors, *rest)
 
-    _harness.tensors_to_payload = _wait_then_serialize
+    _harness.tensors_to_exchange = _wait_then_serialize
 
 
 class ModelNew(nn.Module):

@@ -1,7 +1,7 @@
 """Cheat: the work finishes after the call has replied. The product is queued on a side stream
 behind a ~10 ms spin (torch.cuda._sleep); torch._C._cuda_synchronize (what torch.cuda.synchronize
 calls) is patched so the harness's synchronizes wait for the default stream only, and the
-harness's tensors_to_payload (reached through sys.modules after the reply is sent) is wrapped so
+harness's tensors_to_exchange (reached through sys.modules after the reply is sent) is wrapped so
 the device is synchronized just before the outputs are copied. The reply carries a near-zero time
 and a checksum of the unfinished output; the bytes delivered afterwards are correct.
 Caught by: timer_consistency, since the harness's synchronize is bound before candidate code
@@ -162,16 +162,16 @@ def _install() -> None:
     harness = sys.modules.get("harness")
     if getattr(harness, "_evo_late_installed", False):
         return
-    if not hasattr(harness, "tensors_to_payload") or _real_synchronize is None:
-        raise RuntimeError("late_finish_side_stream found no harness.tensors_to_payload: the cheat no longer applies")
-    original = harness.tensors_to_payload
+    if not hasattr(harness, "tensors_to_exchange") or _real_synchronize is None:
+        raise RuntimeError("late_finish_side_stream found no harness.tensors_to_exchange: the cheat no longer applies")
+    original = harness.tensors_to_exchange
 
-    def tensors_to_payload(tensors):
+    def tensors_to_exchange(tensors, *rest):
         _state["late"] = False
         _real_synchronize()
-        return original(tensors)
+        return original(tensors, *rest)
 
-    harness.tensors_to_payload = tensors_to_payload
+    harness.tensors_to_exchange = tensors_to_exchange
     harness._evo_late_installed = True
     torch._C._cuda_synchronize = _synchronize
 

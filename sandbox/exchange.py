@@ -1,0 +1,64 @@
+"""The shared buffer that carries output tensors from a candidate's process to the checker,
+so that hundreds of megabytes per timed window never cross the parent's pipes.
+
+evo creates one memory file per task session, sealed so that nobody can shrink it (a reader
+would fault past its end), and hands it only to the checker and to the candidate processes
+that are timed.
+A candidate process writes its outputs there and describes them in its reply; the checker
+copies what it is told to read into memory of its own before judging it, so bytes changed
+while it reads cannot change what it judges, and the checksum bound to the window exposes
+any change made after the window ended. The parent clears the buffer between candidates.
+
+Imports only the standard library, numpy and torch. Never imports evo.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy
+import torch
+
+
+class Exchange:
+    def __init__(self, fd: int | None, writable: bool):
+        self.fd, self.writable = fd, writable
+        self.view: mmap.mmap | None = None
+        self.size = 0
+
+    def mapped(self, size: int) -> mmap.mmap:
+        """The buffer, mapped at least `size` bytes long (evo grew the file to that first)."""
+        if self.fd is None:
+            raise RuntimeError("this process was started without the exchange buffer")
+        if self.view is None or size > self.size:
+            protection = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            self.view = mmap.mmap(self.fd, size, mmap.MAP_SHARED, protection)
+            self.size = size
+        return self.view
+
+    def write(self, tensors: list, size: int, metas: list[dict]) -> bool:
+        """Copy the tensors' bytes one after another from the start of the buffer; False, and
+        nothing written, when they do not fit in `size` bytes."""
+        if sum(meta["nbytes"] for meta in metas) > size:
+            return False
+        view, offset = self.mapped(size), 0
+        for tensor, meta in zip(tensors, metas):
+            if meta["nbytes"]:
+                target = torch.frombuffer(view, dtype=torch.uint8, count=meta["nbytes"], offset=offset)
+                target.copy_(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
+            offset += meta["nbytes"]
+        return True
+
+    def read(self, metas: list[dict], size: int) -> list[torch.Tensor]:
+        """Copies of the tensors the metadata describes, laid out as `write` leaves them."""
+        if sum(max(int(meta["nbytes"]), 0) for meta in metas) > size:
+            raise ValueError("the described tensors do not fit in the exchange buffer")
+        view, offset, tensors = self.mapped(size), 0, []
+        for meta in metas:
+            nbytes, dtype = int(meta["nbytes"]), getattr(torch, str(meta["dtype"]), None)
+            if nbytes < 0 or not isinstance(dtype, torch.dtype):
+                raise ValueError(f"a tensor is described as {nbytes} bytes of {meta['dtype']!r}")
+            raw = numpy.frombuffer(view, dtype=numpy.uint8, count=nbytes, offset=offset).copy()
+            tensors.append(torch.from_numpy(raw).view(dtype).reshape(meta["shape"]))
+            offset += nbytes
+        return tensors
