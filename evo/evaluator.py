@@ -11,16 +11,13 @@ from pathlib import Path
 
 from evo import devices, judgement
 from evo.config import VerifyPolicy
-from evo.judgement import Judgement, Rejected
+from evo.judgement import EvaluatorError, Judgement, Rejected, inputs_made
+from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
-from evo.session import ReferenceTiming, TaskSession
+from evo.session import ReferenceTiming, TaskSession, await_started
 from evo.timing import (Samples, SubjectError, exchanged, plan, time_candidate, time_reference, timer_consistency,
                         warm_up)
 from evo.verdict import Timings, Verdict
-
-
-class EvaluatorError(Exception):
-    """The evaluation could not run (bad input, or the evaluator itself failed)."""
 
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
@@ -50,7 +47,6 @@ class Evaluation:
         self.facts: dict = {}
         self.warnings: list[str] = []
         self.extension_calls = 0  # calls into the candidate's compiled extensions, seen in one call
-        self.profiler_ready = False  # whether the profiler process has answered its warm-up
         self.phase = "load"  # the check a candidate process's crash or hang fails: load, then runs
         self.doing = "the build"  # what was under way, for failure messages
 
@@ -143,6 +139,7 @@ class Evaluation:
         self.checker, self.flusher = self.session.checker, self.session.flusher
         self.runner = self.own(self.session.take_candidate_process())
         self.profiler = self.own(self.session.take_candidate_process(profiler=True))
+        self.profiled_call = ProfiledCall(self.profiler, self.policy.load_timeout_s, self.policy.call_timeout_s)
 
     def build(self) -> None:
         self.doing = "the build"
@@ -307,14 +304,7 @@ class Evaluation:
 
     def prepare_inputs(self, seeds: list[int]) -> None:
         prepared, _ = self.runner.request({"op": "prepare", "seeds": seeds}, timeout=self.policy.call_timeout_s)
-        self.inputs_made(prepared)
-
-    @staticmethod
-    def inputs_made(prepared: dict) -> None:
-        """The task's own generator makes the inputs in a candidate's process, before its code runs
-        on them: a failure there is the task's or the evaluator's."""
-        if "error" in prepared:
-            raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+        inputs_made(prepared)
 
     def run_candidate(self, seed: int, message: dict, where: str) -> dict:
         self.prepare_inputs([seed])
@@ -354,49 +344,18 @@ class Evaluation:
     def await_candidate_processes(self) -> None:
         """Waiting for interpreters to start must not hold the device. The profiler's warm-up is
         awaited here too unless the reference is to be timed, which it may overlap."""
-        self.await_started(self.runner, "starting the candidate process")
+        await_started(self.runner, self.policy.load_timeout_s, "starting the candidate process")
         if self.session.reference_fresh():
-            self.await_profiler()
-
-    def await_started(self, process: SandboxProcess, doing: str) -> dict:
-        """The reply to a process's first request, sent before any candidate code was there: a
-        failure is the evaluator's."""
-        try:
-            reply, _ = process.receive(self.policy.load_timeout_s)
-        except SandboxFailure as failure:
-            raise EvaluatorError(f"{doing} failed: {failure}") from None
-        if "error" in reply:
-            raise EvaluatorError(f"{doing} failed: {reply['error']}")
-        return reply
-
-    def await_profiler(self) -> None:
-        """The profiler process's warm-up (seconds of imports and profiler set-up, on one core; it
-        leaves the device alone) may overlap the reference's timing, and ends before the candidate's."""
-        if not self.profiler_ready:
-            self.await_started(self.profiler, "starting the profiler")
-            self.profiler_ready = True
+            self.profiled_call.await_warm()
 
     def start_profiled_call(self) -> None:
-        """One call under the profiler, in a process of its own (a process once profiled launches
-        work more slowly; the profiler's start-up was paid there ahead of need), asked for now so
-        that it runs while the correctness trials do, and is over before anything is timed."""
-        self.await_profiler()
-        self.profiler.send(self.load_message(self.profiler))
-        # Fresh inputs, as for every call: inputs seen before would let a cache answer unprofiled.
-        self.profiler.send({"op": "prepare", "seeds": new_seeds(1)})
-        self.profiler.send({"op": "profile"})
+        self.profiled_call.start(self.load_message(self.profiler), new_seeds(1)[0])
 
     def finish_profiled_call(self) -> None:
         """Collect the profile, then end the process: no candidate code but the timed one runs
         while the candidate is timed."""
         self.doing = "the profiled call"
-        loaded, _ = self.profiler.receive(self.policy.load_timeout_s)
-        if "error" in loaded:
-            self.judgement.reject("runs", f"loading the candidate again for the profiled call raised {loaded['error']}")
-        self.inputs_made(self.profiler.receive(self.policy.call_timeout_s)[0])
-        self.profiled, _ = self.profiler.receive(self.policy.call_timeout_s)
-        if "error" in self.profiled:
-            self.judgement.reject("runs", f"the profiled call raised {self.profiled['error']}")
+        self.profiled = self.profiled_call.finish(self.judgement)
         self.processes.remove(self.profiler)
         self.session.release(self.profiler)
 

@@ -22,6 +22,17 @@ class Rejected(Exception):
     """A check failed and the evaluation stops; the judgement holds the reason."""
 
 
+class EvaluatorError(Exception):
+    """The evaluation could not run (bad input, or the evaluator itself failed)."""
+
+
+def inputs_made(prepared: dict) -> None:
+    """The task's own generator makes the inputs in a candidate's process, before its code runs
+    on them: a failure there is the task's or the evaluator's."""
+    if "error" in prepared:
+        raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+
+
 class Judgement:
     def __init__(self) -> None:
         self.by_name: dict[str, Check] = {}

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evo import devices, isolation
-from evo.exchange import ExchangeBuffer
 from evo.config import VerifyPolicy
-from evo.sandbox_runner import SandboxProcess
+from evo.exchange import ExchangeBuffer
+from evo.judgement import EvaluatorError
+from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.timing import Plan, Samples
 from evo.verdict import TimingStats
 
@@ -38,6 +39,18 @@ class ReferenceTiming:
     compile_stats: TimingStats | None  # torch.compile of the reference, when asked for
     plan: Plan  # how many timed calls, in windows of how many, for both subjects
     measured_at: float  # time.monotonic() when it was measured
+
+
+def await_started(process: SandboxProcess, timeout: float, doing: str) -> dict:
+    """The reply to the first request a process was sent when it started, before any candidate
+    code was there: a failure is the evaluator's."""
+    try:
+        reply, _ = process.receive(timeout)
+    except SandboxFailure as failure:
+        raise EvaluatorError(f"{doing} failed: {failure}") from None
+    if "error" in reply:
+        raise EvaluatorError(f"{doing} failed: {reply['error']}")
+    return reply
 
 
 class TaskSession:

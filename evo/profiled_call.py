@@ -1,0 +1,43 @@
+"""The candidate's one call under the profiler, whose list of kernels decides `custom_code`.
+
+It runs in a process of its own: a process once profiled launches work more slowly, so the
+process that is timed never is. That process warms the profiler up as it starts (seconds of
+imports on one core; the device is left alone), ahead of need. The call is asked for when the
+correctness trials start and runs beside them; the process ends before the candidate is timed.
+"""
+
+from __future__ import annotations
+
+from evo.judgement import Judgement, inputs_made
+from evo.sandbox_runner import SandboxProcess
+from evo.session import await_started
+
+
+class ProfiledCall:
+    def __init__(self, process: SandboxProcess, load_timeout: float, call_timeout: float):
+        self.process, self.load_timeout, self.call_timeout = process, load_timeout, call_timeout
+        self.warm = False  # whether the process has answered its warm-up
+
+    def await_warm(self) -> None:
+        if not self.warm:
+            await_started(self.process, self.load_timeout, "starting the profiler")
+            self.warm = True
+
+    def start(self, load_message: dict, seed: int) -> None:
+        """Load the candidate and profile one call on the inputs of a seed used nowhere else (inputs
+        seen before would let a cache answer unprofiled); `finish` collects the replies."""
+        self.await_warm()
+        self.process.send(load_message)
+        self.process.send({"op": "prepare", "seeds": [seed]})
+        self.process.send({"op": "profile"})
+
+    def finish(self, judgement: Judgement) -> dict:
+        """The profile: kernels and their device time, top-level operators, extension calls."""
+        loaded, _ = self.process.receive(self.load_timeout)
+        if "error" in loaded:
+            judgement.reject("runs", f"loading the candidate again for the profiled call raised {loaded['error']}")
+        inputs_made(self.process.receive(self.call_timeout)[0])
+        profiled, _ = self.process.receive(self.call_timeout)
+        if "error" in profiled:
+            judgement.reject("runs", f"the profiled call raised {profiled['error']}")
+        return profiled
