@@ -130,6 +130,26 @@ def resolve(requested: str | None) -> Device:
     raise DeviceError(f"--device {requested!r} is not a device; use cuda, cuda:N or cpu")
 
 
+class DeviceLoad:
+    """Evaluations handed to each device and not finished yet. A new one goes to the device with
+    the fewest, so that a device whose evaluations run long does not gather a queue while
+    another idles (round robin would)."""
+
+    def __init__(self, names: list[str]):
+        self.counts = dict.fromkeys(names, 0)
+        self.lock = threading.Lock()
+
+    def take(self) -> str:
+        with self.lock:
+            name = min(self.counts, key=self.counts.__getitem__)  # ties go to the first listed
+            self.counts[name] += 1
+            return name
+
+    def done(self, name: str) -> None:
+        with self.lock:
+            self.counts[name] -= 1
+
+
 def limits(policy, device: Device) -> Limits:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     memory = policy.memory_limit_bytes or int(total * 0.75)

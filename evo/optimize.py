@@ -45,7 +45,7 @@ class Optimizer:
         self.run_stop: str | None = None  # set when the whole run must end (Ctrl-C, budget, provider)
         self.provider_failures = 0
         self.task_stop: str | None = None  # set when the current task's search must end
-        self.next_device = 0
+        self.device_load = devices.DeviceLoad(setup.devices)
         self.evaluations_per_gpu = self.config.evaluations_per_gpu or max(
             2, devices.parallel_builds() // len(setup.devices))
 
@@ -125,10 +125,11 @@ class Optimizer:
         return sum(1 for kind, _, _ in pending.values() if kind == "produce")
 
     def submit_evaluation(self, task: Task, candidate_id: int, source: str) -> Future:
-        device = self.setup.devices[self.next_device % len(self.setup.devices)]
-        self.next_device += 1
         path = candidate_file(self.setup.run_dir, candidate_id, source)
-        return self.eval_pool.submit(evaluate, path, self.sessions[device])
+        device = self.device_load.take()
+        future = self.eval_pool.submit(evaluate, path, self.sessions[device])
+        future.add_done_callback(lambda _: self.device_load.done(device))
+        return future
 
     def resubmit_unfinished(self, task: Task, pending: dict) -> None:
         """Candidates a killed run had made but not judged: judge them now."""

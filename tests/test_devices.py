@@ -66,3 +66,11 @@ def test_evaluations_on_different_gpus_do_not_wait_for_each_other(eight_gpus):
     same_gpu.join(timeout=5)
     assert waits["other gpu"] < 0.25
     assert waits["same gpu"] >= 0.5
+
+
+def test_a_new_evaluation_goes_to_the_gpu_with_the_fewest_in_flight():
+    load = devices.DeviceLoad(["cuda:0", "cuda:1"])
+    assert [load.take() for _ in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    load.done("cuda:1"), load.done("cuda:1")  # GPU 1 finished its two while GPU 0 is still busy
+    assert [load.take() for _ in range(3)] == ["cuda:1", "cuda:1", "cuda:0"]
+    assert load.counts == {"cuda:0": 3, "cuda:1": 2}
