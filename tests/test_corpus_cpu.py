@@ -103,6 +103,7 @@ CHEATS = [
     ("timer_patch", RELU, ("timer_consistency",), ("values",), {}),
     ("timer_patch_small", RELU, ("timer_consistency",), ("values",), {}),
     ("forged_reply", RELU, ("timer_consistency",), ("values",), {}),
+    ("malformed_details", RELU, ("runs",), (), {}),
     ("prepare_hook_instant", MATMUL, ("speed_of_light",), ("values", "timed_outputs"), {}),
     ("prepare_hook_padded", MATMUL, ("input_preparation",), ("values", "timed_outputs"), {}),
     pytest.param("prepare_hook_small", MATMUL_SMALL, ("input_preparation",), ("values", "timed_outputs"), {},
