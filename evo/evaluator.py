@@ -9,9 +9,11 @@ import secrets
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from evo import devices, judgement
 from evo.config import VerifyPolicy
-from evo.judgement import EvaluatorError, Judgement, Rejected, inputs_made
+from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem, inputs_made
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import ReferenceTiming, TaskSession, await_started
@@ -21,8 +23,6 @@ from evo.verdict import Timings, Verdict
 
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
-# What a candidate's process must say of every call's outputs, and of what type.
-DETAILS = {"structure": list, "flags_changed": list, "extension_calls": int, "outputs": int}
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 
 
@@ -260,7 +260,11 @@ class Evaluation:
         if "error" in loaded:
             self.judgement.reject("load", loaded["error"])
         self.judgement.passed("load", "ModelNew imported and constructed")
-        self.judgement.flags(loaded["flags_changed"], "at import")
+        flags = loaded.get("flags_changed")
+        if not (isinstance(flags, list) and all(isinstance(flag, str) for flag in flags)):
+            self.judgement.reject("load", "the candidate's process answered the load without the global flags it "
+                                          "found: its harness was tampered with")
+        self.judgement.flags(flags, "at import")
 
     def init_checker(self) -> dict:
         """Load the task in the checker; its reply describes the task's inputs, outputs and work."""
@@ -295,12 +299,14 @@ class Evaluation:
         """What the candidate process said of its outputs and of the global flags after a call."""
         if "error" in details:
             self.judgement.reject("runs", f"{where}: describing the outputs raised {details['error']}")
-        missing = [name for name, kind in DETAILS.items() if not isinstance(details.get(name), kind)]
-        if missing:
-            self.judgement.reject("runs", f"{where}: the candidate's process described its outputs without "
-                                          f"{', '.join(missing)} (its harness was tampered with)")
-        self.judgement.structure(details["structure"], reply, self.device.torch_name, where)
-        self.judgement.flags(details["flags_changed"], f"in {where}")
+        try:
+            described = CallDescription.model_validate(details)
+        except ValidationError as err:
+            self.judgement.reject("runs", f"{where}: the candidate's process described its outputs wrongly "
+                                          f"({describe_problem(err)}): its harness was tampered with")
+        self.judgement.structure([item.model_dump() for item in described.structure], reply, self.device.torch_name,
+                                 where)
+        self.judgement.flags(described.flags_changed, f"in {where}")
 
     def prepare_inputs(self, seeds: list[int]) -> None:
         prepared, _ = self.runner.request({"op": "prepare", "seeds": seeds}, timeout=self.policy.call_timeout_s)

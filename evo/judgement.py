@@ -3,6 +3,8 @@ from what it observed (timer consistency, speed of light, which kernels ran)."""
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ValidationError
+
 from evo.timing import Samples, input_preparation, timer_consistency
 from evo.verdict import Check, Roofline, Timings
 
@@ -31,6 +33,31 @@ def inputs_made(prepared: dict) -> None:
     on them: a failure there is the task's or the evaluator's."""
     if "error" in prepared:
         raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
+
+
+class OutputDescription(BaseModel):
+    """One output of a call, as the candidate's process describes it."""
+
+    type: str  # module-qualified name of the returned object's type
+    exact_tensor: bool  # exactly torch.Tensor, no subclass
+    device: str | None = None  # absent when it is not a tensor
+    layout: str | None = None
+    shares_input_storage: bool = False
+
+
+class CallDescription(BaseModel):
+    """What the candidate's process says after each call. It comes from a process running the
+    candidate's code, so it is validated before any of it is used."""
+
+    structure: list[OutputDescription]
+    flags_changed: list[str]  # global numeric settings found changed
+    extension_calls: int  # calls into the candidate's compiled extensions during the call
+    outputs: int  # outputs per call
+
+
+def describe_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    return f"{'.'.join(str(part) for part in first['loc']) or 'the description'}: {first['msg']}"
 
 
 class Judgement:

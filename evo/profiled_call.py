@@ -8,9 +8,19 @@ correctness trials start and runs beside them; the process ends before the candi
 
 from __future__ import annotations
 
-from evo.judgement import Judgement, inputs_made
+from pydantic import BaseModel, ValidationError
+
+from evo.judgement import Judgement, describe_problem, inputs_made
 from evo.sandbox_runner import SandboxProcess
 from evo.session import await_started
+
+
+class Profile(BaseModel):
+    """What the profiler process reports; it ran the candidate's code, so it is validated."""
+
+    kernels_us: dict[str, float]  # device time of each kernel that ran, by name
+    top_level_aten_us: dict[str, float]  # host time of each top-level torch operator
+    extension_calls: int  # calls into the candidate's compiled extensions
 
 
 class ProfiledCall:
@@ -40,4 +50,8 @@ class ProfiledCall:
         profiled, _ = self.process.receive(self.call_timeout)
         if "error" in profiled:
             judgement.reject("runs", f"the profiled call raised {profiled['error']}")
-        return profiled
+        try:
+            return Profile.model_validate(profiled).model_dump()
+        except ValidationError as err:
+            judgement.reject("runs", f"the profiler process reported its call wrongly ({describe_problem(err)}): "
+                                     "its harness was tampered with")

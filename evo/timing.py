@@ -132,7 +132,11 @@ def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[i
     started = time.perf_counter()
     subject.send(run_message, timeout=timeout * len(seeds))
     reply, _ = subject.receive(timeout * len(seeds))
-    return expect(reply, "the call"), (subject.last_arrival - started) * 1e3, prepare_ms
+    elapsed = expect(reply, "the call").get("elapsed_ms")
+    if not (isinstance(elapsed, list) and len(elapsed) == len(seeds)
+            and all(isinstance(ms, (int, float)) and 0 <= ms < math.inf for ms in elapsed)):
+        raise SubjectError(f"the subject's timer reported {str(elapsed)[:80]} for a window of {len(seeds)} calls")
+    return reply, (subject.last_arrival - started) * 1e3, prepare_ms
 
 
 def time_reference(checker: SandboxProcess, flusher: SandboxProcess, windows: list[list[int]], model: str,
