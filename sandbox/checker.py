@@ -30,7 +30,7 @@ class Checker:
         self.read_fd, self.write_fd = read_fd, write_fd
         self.exchange = exchange.Exchange(exchange_fd, writable=False)
         self.trials: dict[int, dict] = {}  # seed -> inputs, reference outputs in fp32 and fp64
-        self.expected: dict[int, list] = {}  # seed -> reference outputs of timed calls, on the host
+        self.expected: dict[int, list] = {}  # seed -> reference outputs of timed calls, on the device
         self.tolerance: dict | None = None  # widest tolerance the correctness trials used
         self.window: list = []  # (seed, inputs) of the next window of reference calls
 
@@ -142,11 +142,13 @@ class Checker:
         self.reply({"ok": True, "float64_reference": self.model64 is not None})
 
     def received(self, msg: dict) -> list | None:
-        """Copies of the tensors a candidate's process left in the exchange buffer, or None (and
-        the failed check sent) when they did not fit the room made for the reference's."""
+        """Copies of the tensors a candidate's process left in the exchange buffer, on the device
+        where they are compared (float64 arithmetic there takes milliseconds, where the host needs
+        seconds); or None, and the failed check sent, when they did not fit the room made for
+        the reference's."""
         if msg["exchanged"]:
-            return self.exchange.read(msg["tensors"], msg["exchange_bytes"])
-        described = [torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device="meta")
+            return [tensor.to(self.device) for tensor in self.exchange.read(msg["tensors"], msg["exchange_bytes"])]
+        described = [torch.empty(meta["shape"], dtype=exchange.dtype_of(meta), device="meta")
                      for meta in msg["tensors"][: msg["outputs"]]]
         check = numerics.check_output_meta(described, self.output_shapes)
         if check["passed"]:
@@ -160,8 +162,6 @@ class Checker:
         received = self.received(msg)
         if received is None:
             return
-        # On the device, as the timed outputs are: float64 arithmetic there takes milliseconds.
-        received = [tensor.to(self.device) for tensor in received]
         trial = {key: [tensor.to(self.device) for tensor in value] if value is not None else None
                  for key, value in trial.items()}
         outputs, inputs_after = received[: msg["outputs"]], received[msg["outputs"]:]
@@ -217,9 +217,6 @@ class Checker:
         received = self.received(msg)
         if received is None:
             return
-        # Compared on the device: on a GPU, float64 arithmetic over a window's outputs takes
-        # milliseconds, where the host needs seconds.
-        received = [tensor.to(self.device) for tensor in received]
         checks = [numerics.check_binding(received, msg["checksum"])]
         per_call = msg["outputs"]
         for position, seed in enumerate(msg["seeds"]):

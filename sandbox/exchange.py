@@ -20,6 +20,14 @@ import numpy
 import torch
 
 
+def dtype_of(meta: dict) -> torch.dtype:
+    """The dtype a tensor's metadata names; what a candidate's process sent may name anything."""
+    dtype = getattr(torch, str(meta["dtype"]), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"a tensor is described with dtype {meta['dtype']!r}")
+    return dtype
+
+
 class Exchange:
     def __init__(self, fd: int | None, writable: bool):
         self.fd, self.writable = fd, writable
@@ -55,9 +63,9 @@ class Exchange:
             raise ValueError("the described tensors do not fit in the exchange buffer")
         view, offset, tensors = self.mapped(size), 0, []
         for meta in metas:
-            nbytes, dtype = int(meta["nbytes"]), getattr(torch, str(meta["dtype"]), None)
-            if nbytes < 0 or not isinstance(dtype, torch.dtype):
-                raise ValueError(f"a tensor is described as {nbytes} bytes of {meta['dtype']!r}")
+            nbytes, dtype = int(meta["nbytes"]), dtype_of(meta)
+            if nbytes < 0:
+                raise ValueError(f"a tensor is described as {nbytes} bytes")
             raw = numpy.frombuffer(view, dtype=numpy.uint8, count=nbytes, offset=offset).copy()
             tensors.append(torch.from_numpy(raw).view(dtype).reshape(meta["shape"]))
             offset += nbytes

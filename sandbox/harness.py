@@ -1,5 +1,5 @@
 """What the checker and the candidate runner share: loading files, making inputs,
-moving tensors as bytes, checksums, the global numeric flags, timing one call.
+handing tensors to the exchange buffer, checksums, the global numeric flags, timing one call.
 
 Imports only the standard library and torch. Never imports evo.
 """

@@ -1,8 +1,9 @@
 """Message framing between evo and the sandbox programs (standard library only).
 
 A frame is a 4-byte big-endian length, a UTF-8 JSON header of that length, then
-`header["payload"]` raw bytes (0 when absent). Tensors travel as raw bytes in the
-payload, described by the header, so nothing is ever unpickled on either side.
+`header["payload"]` raw bytes (0 when absent). Nothing is ever unpickled on either side;
+output tensors do not travel in frames but through the exchange buffer (exchange.py), as raw
+bytes described by the header.
 """
 
 from __future__ import annotations
