@@ -24,6 +24,10 @@ from evo.verdict import Timings, Verdict
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
+# A candidate's timing follows the session's last timing closer than this (a search's steady state,
+# the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
+# candidate would only look slower.
+STILL_WARM_S = 1.0
 
 
 def new_seeds(count: int) -> list[int]:
@@ -241,6 +245,7 @@ class Evaluation:
                                                False, timeout).stats()
         except SubjectError as err:
             raise EvaluatorError(f"timing the reference failed: {err}") from None
+        self.session.last_timed = time.monotonic()
         return ReferenceTiming(samples=samples, stats=samples.stats(), compile_stats=compile_stats, plan=timed_plan,
                                measured_at=time.monotonic())
 
@@ -323,7 +328,8 @@ class Evaluation:
         self.doing = "timing"
         started = time.monotonic()
         policy = self.policy
-        self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
+        if time.monotonic() - self.session.last_timed > STILL_WARM_S:
+            self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
             warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True)
             candidate = self.timed_calls(self.timed_seeds)
@@ -336,6 +342,8 @@ class Evaluation:
                 candidate = self.timed_calls(self.reference.plan.seeds(new_seeds))
         except SubjectError as err:
             self.judgement.reject("runs", f"during timing: {err}")
+        finally:
+            self.session.last_timed = time.monotonic()
         candidate.dump("candidate")
         self.reference.samples.dump("reference")
         self.timings.timing_s += time.monotonic() - started

@@ -72,6 +72,7 @@ class TaskSession:
         self.task_facts: dict | None = None  # the checker's description of the task, once initialized
         self.audit_warnings: list[str] = []
         self.reference: ReferenceTiming | None = None
+        self.last_timed = -float("inf")  # time.monotonic() when a timing phase last ended on the device
         self.spares: dict[bool, list[SandboxProcess]] = {False: [], True: []}  # by "warms the profiler"
         self.exchange = ExchangeBuffer()  # outputs from candidate processes to the checker
         self.started = 0  # sandboxes started, for their directories' names

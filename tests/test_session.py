@@ -12,7 +12,9 @@ import pytest
 
 from conftest import CPU_CANDIDATES, EXAMPLE_TASKS, ROOT, failed_names
 from evo.config import VerifyPolicy
+from evo import evaluator
 from evo.evaluator import Evaluation
+from evo.sandbox_runner import SandboxProcess
 from evo.session import TaskSession
 from test_faults import descendants
 
@@ -49,6 +51,24 @@ def test_reference_and_checker_are_reused_and_candidates_get_fresh_processes_and
     first_timed = {seed for window in first.timed_seeds for seed in window}
     second_timed = {seed for window in second.timed_seeds for seed in window}
     assert first_timed and second_timed and not first_timed & second_timed
+
+
+@pytest.mark.parametrize("still_warm_s, warm_ups", [(600.0, 1), (0.0, 3)])
+def test_a_candidate_timed_soon_after_the_last_timing_skips_the_clock_warm_up(session, monkeypatch, still_warm_s,
+                                                                              warm_ups):
+    """Two candidates: the reference's timing warms the device, and each candidate's timing does
+    too unless the session's last timing ended within STILL_WARM_S."""
+    monkeypatch.setattr(evaluator, "STILL_WARM_S", still_warm_s)
+    asked = []
+    original = SandboxProcess.request
+
+    def request(process, message, *args, **kwargs):
+        asked.append(message.get("op"))
+        return original(process, message, *args, **kwargs)
+
+    monkeypatch.setattr(SandboxProcess, "request", request)
+    assert [evaluate(session).verdict_seen.verdict for _ in range(2)] == ["verified"] * 2
+    assert asked.count("warm") == warm_ups
 
 
 def test_spares_are_started_ahead_of_need(session):
