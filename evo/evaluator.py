@@ -291,8 +291,8 @@ class Evaluation:
             details, _ = self.runner.receive(self.policy.call_timeout_s)
             self.judge_details(details, reply, where)
             self.extension_calls = max(self.extension_calls, details["extension_calls"])
-            verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed, **exchanged(details, reply),
-                                               "exchange_bytes": self.exchange_bytes},
+            verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed,
+                                               **exchanged(details, reply, self.exchange_bytes)},
                                               timeout=self.policy.call_timeout_s)
             if "error" in verdict:  # what the candidate's process sent did not describe its outputs
                 self.judgement.reject("runs", f"{where}: the checker could not read the outputs the candidate's "

@@ -163,17 +163,17 @@ def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: 
         expect(details, "describing the outputs")
         samples.add_window(reply["elapsed_ms"], wall, prepare)
         judge_details(details, reply)
-        verdict, _ = checker.request({"op": "compare_timed", "seeds": seeds, **exchanged(details, reply),
-                                      "exchange_bytes": exchange_bytes}, timeout=timeout)
+        verdict, _ = checker.request({"op": "compare_timed", "seeds": seeds, **exchanged(details, reply, exchange_bytes)},
+                                     timeout=timeout)
         judge(expect(verdict, "comparing timed outputs")["checks"])
     return samples
 
 
-def exchanged(details: dict, reply: dict) -> dict:
-    """What the checker needs to read a call's outputs from the exchange buffer and bind them
-    to the checksum taken when the call ended."""
+def exchanged(details: dict, reply: dict, exchange_bytes: int) -> dict:
+    """What the checker needs to read a call's outputs from the exchange buffer (of
+    `exchange_bytes` in use) and bind them to the checksum taken when the call ended."""
     return {"tensors": details.get("tensors"), "outputs": details["outputs"], "exchanged": details.get("exchanged") is True,
-            "checksum": reply.get("checksum")}
+            "checksum": reply.get("checksum"), "exchange_bytes": exchange_bytes}
 
 
 def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
