@@ -235,19 +235,40 @@ def publish_extensions(extensions: list[dict], cache: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+class Cancelled(Exception):
+    """A wait for the device was called off."""
+
+
 @contextlib.contextmanager
-def exclusive(device: Device):
+def exclusive(device: Device, cancelled: threading.Event | None = None):
     """Hold the device for one evaluation's device work, so that two evo processes on one
     machine never run on a device at once and skew each other's timings. Yields the seconds
-    spent waiting. The lock dies with the process that holds it; it is per
-    machine and user, whatever cache directory each process uses."""
+    spent waiting; a wait given a `cancelled` event raises Cancelled once it is set. The lock
+    dies with the process that holds it; it is per machine and user, whatever cache directory
+    each process uses."""
     locks = Path(tempfile.gettempdir()) / f"evo-{os.getuid()}-device-locks"
     locks.mkdir(mode=0o700, exist_ok=True)
     started = time.monotonic()
     with open(locks / f"{device.lock_name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        if cancelled is None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        else:
+            while not _try_lock(handle):
+                if cancelled.wait(LOCK_POLL_S):
+                    raise Cancelled("the wait for the device was called off")
         waited = time.monotonic() - started
         try:
             yield waited
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+LOCK_POLL_S = 0.02  # how often a cancellable wait tries the lock
+
+
+def _try_lock(handle) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False

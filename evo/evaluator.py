@@ -5,18 +5,17 @@ parent itself observed. The candidate's process never holds an expected output.
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from evo import devices, judgement
+from evo import cores, devices, judgement
 from evo.config import VerifyPolicy
 from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem, inputs_made
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
-from evo.session import ReferenceTiming, TaskSession, await_started
+from evo.session import ReferenceTiming, TaskSession, await_started, checker_answer, new_seeds
 from evo.timing import (Samples, SubjectError, exchanged, plan, time_candidate, time_reference, timer_consistency,
                         warm_up)
 from evo.verdict import Timings, Verdict
@@ -28,11 +27,15 @@ WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up 
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
 STILL_WARM_S = 1.0
+# A candidate whose source names none of these builds no C++ extension at import, so no build
+# sandbox is started for it. One that builds one by other means builds it when its processes
+# load it, under the same hooks: slower, never unchecked.
+EXTENSION_BUILDERS = (b"cpp_extension", b"load_inline")
 
 
-def new_seeds(count: int) -> list[int]:
-    """Seeds no candidate can guess: fresh randomness per verification."""
-    return [secrets.randbits(62) for _ in range(count)]
+def names_an_extension_build(candidate: Path) -> bool:
+    source = candidate.read_bytes()
+    return any(name in source for name in EXTENSION_BUILDERS)
 
 
 class Evaluation:
@@ -67,8 +70,9 @@ class Evaluation:
                 self.spawn_processes()
                 self.build()
             self.await_candidate_processes()
-            with devices.exclusive(self.device) as waited:
-                self.timings.queued_s = waited
+            self.await_task()
+            with devices.exclusive(self.device) as waited, cores.timing(self.device.kind, self.timed_groups()):
+                self.timings.queued_s += waited
                 held = time.monotonic()
                 try:
                     self.on_device()
@@ -99,6 +103,10 @@ class Evaluation:
         self.finish_profiled_call()
         self.time_candidate()
         self.which_kernels()
+
+    def timed_groups(self) -> list[int]:
+        """The process groups of the processes whose work is timed or on the timed path."""
+        return [process.pid for process in (self.checker, self.flusher, self.runner) if process.running()]
 
     def sandbox_failed(self, failure: SandboxFailure):
         """A candidate's failure costs only its own verdict; a trusted process's failure is an
@@ -147,6 +155,11 @@ class Evaluation:
 
     def build(self) -> None:
         self.doing = "the build"
+        if not names_an_extension_build(self.candidate):
+            self.judgement.passed("build", "nothing to build ahead: the source names no C++ extension build "
+                                           "(what it compiles at run time, such as NVRTC or Triton kernels, "
+                                           "it compiles when loaded)")
+            return
         started = time.monotonic()
         builder = self.own(self.session.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": "",
                                                                         "MAX_JOBS": str(devices.BUILD_JOBS)}))
@@ -172,33 +185,32 @@ class Evaluation:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def prepare_checker(self) -> None:
-        """Load and audit the task in the session's checker unless it has been, have it forget the
-        previous candidate, and compute the reference's outputs for this candidate's trials."""
+    def await_task(self) -> None:
+        """The task's facts, awaited without the device's lock, which loading the task takes."""
         started = time.monotonic()
-        session, timeout = self.session, self.policy.load_timeout_s
-        if session.task_facts is None:
-            session.task_facts = self.init_checker()
-            self.flusher.request({"op": "init", "device": self.device.torch_name,
-                                  "flush_bytes": self.device.flush_bytes}, timeout=timeout)
-            if self.policy.audit_task:
-                session.audit_warnings = self.ask_checker({"op": "audit", "seeds": new_seeds(3)},
-                                                          "auditing the task")["warnings"]
-        self.task_facts = session.task_facts
+        self.task_facts, queued = self.session.facts()
+        self.timings.queued_s += queued
+        self.timings.correctness_s += time.monotonic() - started - queued
+
+    def prepare_checker(self) -> None:
+        """Take the task's facts from the session's checker (it loaded the task when it started),
+        have it forget the previous candidate, and compute the reference's outputs for this
+        candidate's trials."""
+        started = time.monotonic()
+        if self.session.task_facts is not self.task_facts:
+            raise EvaluatorError("the evaluator's reference process was restarted during this evaluation "
+                                 "(another evaluation's failure); verify the candidate again")
         self.facts = self.task_facts["facts"]
         self.ask_checker({"op": "begin"}, "resetting the checker")
         self.trial_seeds = new_seeds(self.policy.trials)
         self.ask_checker({"op": "prepare_trials", "seeds": self.trial_seeds}, "running the reference on the trials")
         if not self.task_facts["float64_reference"]:
             self.warnings.append("no float64 reference could run for this task: outputs are compared with the fp32 reference")
-        self.warnings.extend(session.audit_warnings)
+        self.warnings.extend(self.session.audit_warnings)
         self.timings.correctness_s += time.monotonic() - started
 
     def ask_checker(self, message: dict, doing: str) -> dict:
-        reply, _ = self.checker.request(message, timeout=self.policy.load_timeout_s)
-        if "error" in reply:
-            raise EvaluatorError(reply["error"] if reply.get("user_error") else f"{doing} failed: {reply['error']}")
-        return reply
+        return checker_answer(self.checker.request(message, timeout=self.policy.load_timeout_s)[0], doing)
 
     def time_reference(self) -> None:
         """Time the reference before any candidate code is imported, so nothing a candidate does
@@ -263,6 +275,8 @@ class Evaluation:
         loaded, _ = self.runner.request(self.load_message(self.runner), timeout=self.policy.load_timeout_s)
         self.timings.correctness_s += time.monotonic() - started
         if "error" in loaded:
+            if loaded.get("refused_flags"):  # it built an extension when loaded, not in the build sandbox
+                self.judgement.reject("compiler_flags", f"{loaded['error']}; pass --allow-reduced-precision to permit them")
             self.judgement.reject("load", loaded["error"])
         self.judgement.passed("load", "ModelNew imported and constructed")
         flags = loaded.get("flags_changed")
@@ -270,15 +284,6 @@ class Evaluation:
             self.judgement.reject("load", "the candidate's process answered the load without the global flags it "
                                           "found: its harness was tampered with")
         self.judgement.flags(flags, "at import")
-
-    def init_checker(self) -> dict:
-        """Load the task in the checker; its reply describes the task's inputs, outputs and work."""
-        reply = self.ask_checker({
-            "op": "init", "task": str(self.task), "device": self.device.torch_name,
-            "compile_baseline": self.policy.compile_baseline, "flush_bytes": self.device.flush_bytes,
-            "policy": self.policy.model_dump()}, "the reference process")
-        self.facts = reply["facts"]
-        return reply
 
     def correctness(self) -> None:
         started = time.monotonic()
@@ -356,11 +361,10 @@ class Evaluation:
                               lambda details, reply: self.judge_details(details, reply, "a timed call"))
 
     def await_candidate_processes(self) -> None:
-        """Waiting for interpreters to start must not hold the device. The profiler's warm-up is
-        awaited here too unless the reference is to be timed, which it may overlap."""
+        """Waiting for interpreters to start must not hold the device; nor may the profiler's
+        warm-up (its first start of the profiler) run while the reference is timed."""
         await_started(self.runner, self.policy.load_timeout_s, "starting the candidate process")
-        if self.session.reference_fresh():
-            self.profiled_call.await_warm()
+        self.profiled_call.await_warm()
 
     def start_profiled_call(self) -> None:
         self.profiled_call.start(self.load_message(self.profiler), new_seeds(1)[0])

@@ -68,7 +68,7 @@ class Optimizer:
         """The task's search, with a session per device: its reference checker and timing, and
         candidate processes started ahead of need, serve every evaluation of the task there."""
         self.sessions = {device: TaskSession(task.path, self.policy.model_copy(update={"device": device}),
-                                             standby=1) for device in self.setup.devices}
+                                             standby=1).start() for device in self.setup.devices}
         try:
             return self.search_loop(task, index)
         finally:

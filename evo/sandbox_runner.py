@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evo.cores import thread_on
 from evo.isolation import IsolationProfile
 from evo.sandbox import wire
 
@@ -169,8 +170,9 @@ class CappedOutput:
 
 class SandboxProcess:
     def __init__(self, program: str, *, isolation: IsolationProfile, workdir: Path, env: dict[str, str],
-                 limits: Limits, label: str, exchange_fd: int | None = None):
+                 limits: Limits, label: str, exchange_fd: int | None = None, start_cores: set[int] | None = None):
         self.program = SANDBOX_DIR / program
+        self.start_cores = start_cores  # where it starts (its children inherit them); None: anywhere
         self.exchange_fd = exchange_fd  # the session's exchange buffer, for the checker and candidate processes
         self.isolation, self.workdir, self.env, self.limits, self.label = isolation, workdir, env, limits, label
         self.proc: subprocess.Popen | None = None
@@ -198,10 +200,11 @@ class SandboxProcess:
             if _refusing.is_set():
                 os.close(child_read), os.close(child_write), os.close(parent_read), os.close(parent_write)
                 raise SandboxFailure("stopped", f"the {self.label} was not started: evo is stopping", self.label)
-            self.proc = subprocess.Popen(
-                command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=given,
-                start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
+            with thread_on(self.start_cores):
+                self.proc = subprocess.Popen(
+                    command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=given,
+                    start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
             _LIVE_SANDBOXES.add(self.proc.pid)
         self.pid = self.proc.pid  # kept after close, to name the process in reports and tests
         self.started_ticks = start_ticks(self.proc.pid)

@@ -10,6 +10,7 @@ per task and device for the whole search of that task.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 import threading
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo import devices, isolation
+from evo import cores, devices, isolation
 from evo.config import VerifyPolicy
 from evo.exchange import ExchangeBuffer
 from evo.judgement import EvaluatorError
@@ -41,6 +42,24 @@ class ReferenceTiming:
     measured_at: float  # time.monotonic() when it was measured
 
 
+def new_seeds(count: int) -> list[int]:
+    """Seeds no candidate can guess: fresh randomness per verification."""
+    return [secrets.randbits(62) for _ in range(count)]
+
+
+def checker_answer(reply: dict, doing: str) -> dict:
+    """The checker's reply, or the error it reports: a fault of the task is the user's to fix."""
+    if "error" in reply:
+        raise EvaluatorError(reply["error"] if reply.get("user_error") else f"{doing} failed: {reply['error']}")
+    return reply
+
+
+def await_reply(reply: dict, doing: str) -> dict:
+    if "error" in reply:
+        raise EvaluatorError(f"{doing} failed: {reply['error']}")
+    return reply
+
+
 def await_started(process: SandboxProcess, timeout: float, doing: str) -> dict:
     """The reply to the first request a process was sent when it started, before any candidate
     code was there: a failure is the evaluator's."""
@@ -48,9 +67,54 @@ def await_started(process: SandboxProcess, timeout: float, doing: str) -> dict:
         reply, _ = process.receive(timeout)
     except SandboxFailure as failure:
         raise EvaluatorError(f"{doing} failed: {failure}") from None
-    if "error" in reply:
-        raise EvaluatorError(f"{doing} failed: {reply['error']}")
-    return reply
+    return await_reply(reply, doing)
+
+
+class TaskLoader:
+    """Loads the task into freshly started trusted processes on a thread of its own, so that
+    their start-up and the task's loading (the reference's first call, the device's ceilings,
+    the audit) overlap a candidate's build and the start-up of its processes. What they do on
+    the device they do under the device's lock, like any timing."""
+
+    def __init__(self, checker: SandboxProcess, flusher: SandboxProcess, device: devices.Device,
+                 policy: VerifyPolicy, task: Path):
+        self.checker, self.flusher, self.device, self.policy, self.task = checker, flusher, device, policy, task
+        self.cancelled = threading.Event()
+        self.result: tuple[dict, list[str]] | None = None  # the task's facts and the audit's warnings
+        self.queued_s = 0.0  # waiting for the device before loading the task
+        self.error: Exception | None = None  # raised to whoever awaits the outcome
+        self.thread = threading.Thread(target=self.run, name="evo-task-loader", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        timeout = self.policy.load_timeout_s
+        try:
+            await_reply(self.checker.request({"op": "ready"}, timeout=timeout)[0], "starting the reference process")
+            with devices.exclusive(self.device, self.cancelled) as self.queued_s:
+                facts = checker_answer(self.checker.request({
+                    "op": "init", "task": str(self.task), "device": self.device.torch_name,
+                    "compile_baseline": self.policy.compile_baseline, "flush_bytes": self.device.flush_bytes,
+                    "policy": self.policy.model_dump()}, timeout=timeout)[0], "the reference process")
+                await_reply(self.flusher.request({"op": "init", "device": self.device.torch_name,
+                                                  "flush_bytes": self.device.flush_bytes}, timeout=timeout)[0],
+                            "starting the cache flusher")
+                warnings = []
+                if self.policy.audit_task:
+                    warnings = checker_answer(self.checker.request({"op": "audit", "seeds": new_seeds(3)},
+                                                                   timeout=timeout)[0], "auditing the task")["warnings"]
+            self.result = (facts, warnings)
+        except (SandboxFailure, EvaluatorError) as err:
+            self.error = err
+        except devices.Cancelled as err:
+            self.error = EvaluatorError(f"loading the task was called off: {err}")
+        except Exception as err:  # noqa: BLE001 - a bug here must reach the evaluation, not die with the thread
+            self.error = EvaluatorError(f"loading the task failed: {err!r}")
+
+    def outcome(self) -> tuple[dict, list[str]]:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class TaskSession:
@@ -69,6 +133,7 @@ class TaskSession:
         self.lock = threading.Lock()
         self.checker: SandboxProcess | None = None
         self.flusher: SandboxProcess | None = None
+        self.loader: TaskLoader | None = None  # loads the task into the checker and the flusher once started
         self.task_facts: dict | None = None  # the checker's description of the task, once initialized
         self.audit_warnings: list[str] = []
         self.reference: ReferenceTiming | None = None
@@ -87,17 +152,45 @@ class TaskSession:
         home.mkdir()
         env = devices.sandbox_env(home, self.device, env_extra or {})
         process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
-                                 label=label, exchange_fd=self.exchange.fd if exchange else None)
+                                 label=label, exchange_fd=self.exchange.fd if exchange else None,
+                                 start_cores=cores.for_starting(self.device.kind))
         return process.start()
 
+    def start(self) -> "TaskSession":
+        """Start the trusted processes (which load the task at once) and the spare candidate
+        processes ahead of the first evaluation. A failure to start is left for that evaluation
+        to report: it starts them again."""
+        try:
+            self.start_trusted()
+            self.fill_spares()
+        except (SandboxFailure, OSError):
+            pass
+        return self
+
     def start_trusted(self) -> None:
-        """Start the checker and the flusher unless both are running; they load the task later,
-        under the device's lock."""
+        """Start the checker and the flusher unless both are running; a thread of their own
+        loads the task into them as soon as they are up, while candidates build and their
+        processes start."""
         running = all(process is not None and process.running() for process in (self.checker, self.flusher))
         if not running:
             self.discard_trusted()
             self.checker = self.sandbox("checker.py", "reference checker", exchange=True)
             self.flusher = self.sandbox("flusher.py", "cache flusher")
+            self.loader = TaskLoader(self.checker, self.flusher, self.device, self.policy, self.task)
+
+    def facts(self) -> tuple[dict, float]:
+        """The checker's description of the task (inputs, outputs, work, the device's ceilings),
+        once the loader has it, and the seconds the loader queued for the device, charged to the
+        first caller. Never call it holding the device's lock: the loader needs it."""
+        loader, queued = self.loader, 0.0
+        if loader is not None:
+            facts, warnings = loader.outcome()
+            with self.lock:
+                if self.task_facts is None:
+                    self.task_facts, self.audit_warnings, queued = facts, warnings, loader.queued_s
+        if self.task_facts is None:
+            raise EvaluatorError("the task was not loaded: its reference process was stopped")
+        return self.task_facts, queued
 
     def take_candidate_process(self, profiler: bool = False) -> SandboxProcess:
         """A started candidate process no candidate has used, and a spare started in its place.
@@ -144,9 +237,15 @@ class TaskSession:
     def discard_trusted(self) -> None:
         """After a failure of the checker or the flusher, or of the reference's timing: the next
         evaluation starts them afresh rather than trust a process in an unknown state."""
-        for process in (self.checker, self.flusher):
-            if process is not None:
-                self.release(process)
+        trusted = [process for process in (self.checker, self.flusher) if process is not None]
+        loader, self.loader = self.loader, None
+        if loader is not None:  # it ends at once: its wait for the device is called off, its processes end
+            loader.cancelled.set()
+            for process in trusted:
+                process.kill()
+            loader.thread.join()
+        for process in trusted:
+            self.release(process)
         with self.lock:
             self.checker = self.flusher = None
             self.task_facts, self.reference = None, None
@@ -162,7 +261,7 @@ class TaskSession:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TaskSession":
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()

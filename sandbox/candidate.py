@@ -51,7 +51,8 @@ class Runner:
             try:
                 getattr(self, "op_" + op)(header)
             except harness.UserCodeError as err:
-                _write_frame(self.write_fd, {"error": str(err)})
+                refused = {"refused_flags": self.ledger.refused_flags} if self.ledger.refused_flags else {}
+                _write_frame(self.write_fd, {"error": str(err), **refused})
             except Exception as err:  # the candidate's code raised during this step
                 _write_frame(self.write_fd, {"error": harness.describe_exception(err)})
 

@@ -162,27 +162,78 @@ def check_values(outputs: list, ref32: list, ref64: list | None, policy: dict) -
     return result("values", True, f"outputs match {against} within what fp32 code achieves on this task"), widest
 
 
-def check_timed_values(outputs: list, expected32: list, tolerance: dict | None) -> dict:
-    """A timed call's outputs against the fp32 reference of the same inputs.
+# Elements per output position compared at once across a window's calls; bounds the float64
+# copies a window's comparison makes, whatever the window's size.
+TIMED_CHUNK_ELEMENTS = 1 << 25
 
-    The bound is twice the trial tolerance: the fp32 reference is itself within a
-    sixteenth of it from the float64 truth.
+
+def check_timed_window(calls: list[list], expected: list[list], tolerance: dict | None) -> dict:
+    """A window of timed calls' outputs against the fp32 reference of the same inputs, judged
+    call by call in order; the first failure is reported.
+
+    The bound is twice the trial tolerance: the fp32 reference is itself within a sixteenth of
+    it from the float64 truth. The calls are compared together, one batch per output position,
+    and their verdicts reach the host in one transfer: a window costs one synchronize, not one
+    per output.
     """
-    for position, (out, ref) in enumerate(zip(outputs, expected32)):
-        if not out.is_floating_point():
-            if not torch.equal(out, ref):
-                return result("timed_outputs", False, f"output {position} of a timed call differs from the reference")
-            continue
-        if nonfinite_mismatch(out, ref) is not None:
+    failed_shape = next((index for index, (outs, refs) in enumerate(zip(calls, expected))
+                         if not check_output_meta(outs, refs)["passed"]), len(calls))
+    first, start = None, 0
+    while first is None and start < failed_shape:
+        per_call = max(1, sum(out.numel() for out in calls[start]))
+        stop = min(failed_shape, start + max(1, TIMED_CHUNK_ELEMENTS // per_call))
+        first = _first_timed_failure(calls[start:stop], expected[start:stop], tolerance)
+        if first is not None:
+            first = (first[0] + start, *first[1:])
+        start = stop
+    if first is not None:
+        _, position, code, l2, limit = first
+        if code == _DIFFERS:
+            return result("timed_outputs", False, f"output {position} of a timed call differs from the reference")
+        if code == _NONFINITE:
             return result("timed_outputs", False, f"output {position} of a timed call has NaN or Inf where the "
                           "reference does not (unwritten or stale memory during timing)")
-        limit = 2 * (tolerance or {"l2": error_floor(ref.dtype)})["l2"]
-        l2, _, worst = relative_errors(out, ref)
-        if l2 > limit:
-            return result("timed_outputs", False,
-                          f"output {position} of a timed call is wrong (relative L2 error {l2:.2e}, allowed {limit:.2e}): "
-                          "the candidate computed a different result while it was being timed")
+        return result("timed_outputs", False,
+                      f"output {position} of a timed call is wrong (relative L2 error {l2:.2e}, allowed {limit:.2e}): "
+                      "the candidate computed a different result while it was being timed")
+    if failed_shape < len(calls):
+        return check_output_meta(calls[failed_shape], expected[failed_shape])
     return result("timed_outputs", True, "the outputs of every timed call are correct")
+
+
+_PASSED, _DIFFERS, _NONFINITE, _WRONG = 0, 1, 2, 3
+
+
+def _first_timed_failure(calls: list[list], expected: list[list], tolerance: dict | None):
+    """(call, position, code, relative L2 error, limit) of the first failing output, or None."""
+    codes, errors, limits = [], [], []
+    count = len(calls)
+    if not calls[0]:
+        return None
+    for position in range(len(calls[0])):
+        outs = torch.stack([call[position] for call in calls]).reshape(count, -1 if calls[0][position].numel() else 0)
+        refs = torch.stack([call[position] for call in expected]).reshape(outs.shape).to(outs.device)
+        if not outs.is_floating_point():
+            codes.append(torch.where((outs != refs).any(dim=1), _DIFFERS, _PASSED))
+            errors.append(torch.zeros(count, dtype=torch.float64, device=outs.device))
+            limits.append(0.0)
+            continue
+        finite = torch.isfinite(refs)
+        nonfinite = (finite != torch.isfinite(outs)).any(dim=1)
+        diff = torch.where(finite, outs.double() - refs.double(), 0.0)
+        scale = torch.linalg.vector_norm(torch.where(finite, refs.double(), 0.0), dim=1).clamp_min(1e-30)
+        l2 = torch.linalg.vector_norm(diff, dim=1) / scale
+        limit = 2 * (tolerance or {"l2": error_floor(refs.dtype)})["l2"]
+        codes.append(torch.where(nonfinite, _NONFINITE, torch.where(l2 > limit, _WRONG, _PASSED)))
+        errors.append(l2)
+        limits.append(limit)
+    verdicts = torch.stack([torch.stack(codes).double(), torch.stack(errors)]).cpu()
+    failing = (verdicts[0] != _PASSED).any(dim=0).nonzero()
+    if not len(failing):
+        return None
+    call = int(failing[0])
+    position = int((verdicts[0, :, call] != _PASSED).nonzero()[0])
+    return call, position, int(verdicts[0, position, call]), float(verdicts[1, position, call]), limits[position]
 
 
 def check_inputs_unchanged(after: list, before: list) -> dict:

@@ -186,10 +186,15 @@ def test_illegal_memory_access_costs_only_its_own_verdict(run_verify):
 @pytest.mark.parametrize("candidate", ["content_cache.py"])
 def test_cheat_is_timed_at_the_honest_kernels_speed(run_verify, candidate):
     """A content-keyed cache never hits (every call has fresh inputs from secret seeds): it runs
-    the honest tiled kernel, so it may not look faster than that kernel beyond noise."""
+    the honest tiled kernel, so it may not look faster than that kernel beyond noise. It keeps
+    every output it computed, so each window's inputs are made in freshly mapped device memory:
+    input_preparation may reject it for that time, which it gains nothing from either."""
     honest = verdict_of(run_verify, MATMUL, "honest_matmul_tiled.py", **MATMUL_POLICY)
     sneaky = verdict_of(run_verify, MATMUL, candidate, **MATMUL_POLICY)
     assert honest.verdict == "verified", explain(honest)
+    if sneaky.verdict == "rejected":
+        assert failed_names(sneaky) == ["input_preparation"], explain(sneaky)
+        return
     assert sneaky.verdict == "verified", explain(sneaky)
     assert sneaky.timings.candidate.median_ms >= 0.7 * honest.timings.candidate.median_ms, (
         f"{candidate} measured {sneaky.timings.candidate.median_ms:.4f} ms per call, the same kernel run honestly "
@@ -251,9 +256,14 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
     measured by the checker every time and never read from a file; sandboxes see a read-only
     filesystem.)"""
     policy = VerifyPolicy(device="cuda", timing_budget_s=0.3, **BIG_POLICY)
+    before = verify(MATMUL_BIG, CUDA_CANDIDATES / "prepare_hook.py", policy, cache_dir=tmp_path)
     verify(RELU, CUDA_CANDIDATES / "poison_ceilings.py", policy, cache_dir=tmp_path)
-    verdict = verify(MATMUL_BIG, CUDA_CANDIDATES / "prepare_hook.py", policy, cache_dir=tmp_path)
-    assert "speed_of_light" in failed_names(verdict), explain(verdict)
+    after = verify(MATMUL_BIG, CUDA_CANDIDATES / "prepare_hook.py", policy, cache_dir=tmp_path)
+    assert after.verdict == "rejected", explain(after)
+    # The poison multiplies every ceiling by a million; measurements of one device agree far closer.
+    for name, value in before.roofline.ceilings.items():
+        assert after.roofline.ceilings[name] < 2 * value, (name, value, after.roofline.ceilings[name])
+    assert after.roofline.speed_of_light_ms > 0.5 * before.roofline.speed_of_light_ms
 
 
 # ---- the corpus itself (static: no GPU work, but run where the corpus runs) ---------------------

@@ -30,3 +30,38 @@ def test_an_evaluation_waits_while_another_holds_the_device(run_verify):
     # The build runs outside the lock, so part of the hold may overlap it; the rest is queued.
     assert verdict.timings.queued_s + verdict.timings.build_s >= HELD_S * 0.9
     assert verdict.timings.queued_s > 1.0
+
+
+def test_closing_a_session_calls_off_its_wait_for_the_device():
+    """The task's loader waits for the device on a thread of its own; a session closed meanwhile
+    (a build failed, Ctrl-C) must not wait for the device to be free, nor leave the thread."""
+    from evo.config import VerifyPolicy
+    from evo.session import TaskSession
+
+    release = threading.Event()
+    holding = threading.Event()
+
+    def hold() -> None:
+        with devices.exclusive(devices.resolve("cpu")):
+            holding.set()
+            release.wait(120)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    try:
+        session = TaskSession(EXAMPLE_TASKS / "relu.py", VerifyPolicy(device="cpu")).start()
+        loader = session.loader
+        deadline = time.monotonic() + 60
+        while loader.checker.running() and not loader.checker.last_arrival and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the checker has answered that it is up: the loader then waits for the device
+        assert loader.checker.last_arrival, "the checker did not start"
+        time.sleep(0.5)
+        assert loader.thread.is_alive() and loader.result is None and loader.error is None
+        started = time.monotonic()
+        session.close()
+        assert time.monotonic() - started < 10
+        assert not loader.thread.is_alive() and loader.error is not None
+    finally:
+        release.set()
+        holder.join()
