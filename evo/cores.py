@@ -48,14 +48,14 @@ def thread_on(cores: set[int] | None):
         os.sched_setaffinity(0, before)
 
 
-def move_group(group: int, cores: set[int]) -> None:
-    """Every thread of every process in process group `group` onto `cores` (a sandbox's program
-    may run under wrappers, as a grandchild, with threads of its own)."""
+def move_groups(groups: set[int], cores: set[int]) -> None:
+    """Every thread of every process in the process groups `groups` onto `cores` (a sandbox's
+    program may run under wrappers, as a grandchild, with threads of its own)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != group:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) not in groups:
                 continue
             for task in (entry / "task").iterdir():
                 os.sched_setaffinity(int(task.name), cores)
@@ -71,7 +71,6 @@ def timing(device_kind: str, groups: list[int]):
     if cores is None:
         yield
         return
-    for group in groups:
-        move_group(group, cores[0])
+    move_groups(set(groups), cores[0])
     with thread_on(cores[0]):
         yield

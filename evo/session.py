@@ -47,17 +47,18 @@ def new_seeds(count: int) -> list[int]:
     return [secrets.randbits(62) for _ in range(count)]
 
 
-def checker_answer(reply: dict, doing: str) -> dict:
-    """The checker's reply, or the error it reports: a fault of the task is the user's to fix."""
-    if "error" in reply:
-        raise EvaluatorError(reply["error"] if reply.get("user_error") else f"{doing} failed: {reply['error']}")
-    return reply
-
-
 def await_reply(reply: dict, doing: str) -> dict:
+    """A trusted process's reply, or its error as the evaluator's."""
     if "error" in reply:
         raise EvaluatorError(f"{doing} failed: {reply['error']}")
     return reply
+
+
+def checker_answer(reply: dict, doing: str) -> dict:
+    """The checker's reply, or the error it reports: a fault of the task is the user's to fix."""
+    if "error" in reply and reply.get("user_error"):
+        raise EvaluatorError(reply["error"])
+    return await_reply(reply, doing)
 
 
 def await_started(process: SandboxProcess, timeout: float, doing: str) -> dict:
@@ -183,7 +184,7 @@ class TaskSession:
         once the loader has it, and the seconds the loader queued for the device, charged to the
         first caller. Never call it holding the device's lock: the loader needs it."""
         loader, queued = self.loader, 0.0
-        if loader is not None:
+        if self.task_facts is None and loader is not None:
             facts, warnings = loader.outcome()
             with self.lock:
                 if self.task_facts is None:

@@ -40,7 +40,7 @@ def test_every_thread_of_every_process_in_a_group_moves():
     try:
         assert wrapper.stdout.readline().strip() == "ready"
         target = {max(os.sched_getaffinity(0))}
-        cores.move_group(wrapper.pid, target)
+        cores.move_groups({wrapper.pid}, target)
         group = [entry for entry in os.listdir("/proc") if entry.isdigit() and _group_of(entry) == wrapper.pid]
         threads = [int(task) for pid in group for task in os.listdir(f"/proc/{pid}/task")]
         assert len(group) >= 2 and len(threads) >= 3
