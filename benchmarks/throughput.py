@@ -12,7 +12,7 @@ every source is unique, so nothing is served from a cache); every fifth is wrong
     reference timing reused, candidate processes started ahead of need), as many at once as the
     machine builds in parallel, with an empty build cache.
 Printed: candidates per hour, the ratio to the baseline, the median build seconds per
-candidate, the GPU's busy fraction (time a candidate's device work held the GPU, over the wall
+candidate, the CPU seconds spent per candidate (every process of the run), the GPU's busy fraction (time a candidate's device work held the GPU, over the wall
 time), and whether both ways gave the same verdicts on the candidates both evaluated.
 Targets (issue 6): >= 30x the baseline for NVRTC candidates, >= 15x for load_inline.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def expected_verdict(index: int) -> str:
 def run_baseline(candidates: list[Path]) -> dict:
     """One candidate after another, each in a fresh interpreter with an empty build directory."""
     verdicts, builds, gpu = {}, [], 0.0
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), cpu_seconds()
     for path in candidates:
         with tempfile.TemporaryDirectory(prefix="kb-build-") as build_dir:
             env = dict(os.environ, TORCH_EXTENSIONS_DIR=build_dir, TORCH_CUDA_ARCH_LIST=devices.resolve("cuda").arch)
@@ -152,14 +153,23 @@ def run_baseline(candidates: list[Path]) -> dict:
     wall = time.perf_counter() - started
     return {"way": "KernelBench-style, load_inline", "candidates": len(candidates), "wall_s": wall,
             "per_hour": len(candidates) / wall * 3600, "build_s_median": statistics.median(builds),
-            "gpu_busy": gpu / wall, "verdicts": verdicts}
+            "gpu_busy": gpu / wall, "cpu_s_per_candidate": (cpu_seconds() - cpu_before) / len(candidates),
+            "verdicts": verdicts}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (every sandbox is reaped)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
+    """As `evo optimize` runs a task on one GPU: as many evaluations at once as the machine
+    builds in parallel, and as many spare processes of each kind."""
     policy = VerifyPolicy(device="cuda")
     workers = devices.parallel_builds()
-    started = time.perf_counter()
-    with TaskSession(TASK, policy, cache, standby=1) as session, ThreadPoolExecutor(workers) as pool:
+    started, cpu_before = time.perf_counter(), cpu_seconds()
+    with TaskSession(TASK, policy, cache, standby=workers) as session, ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
     wall = time.perf_counter() - started
     problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results) if v.verdict == "error"]
@@ -168,6 +178,9 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
             "build_s_median": statistics.median(v.timings.build_s for v in results),
             "gpu_busy": sum(v.timings.device_s for v in results) / wall,
             "device_s_median": statistics.median(v.timings.device_s for v in results),
+            "correctness_s_median": statistics.median(v.timings.correctness_s for v in results),
+            "timing_s_median": statistics.median(v.timings.timing_s for v in results),
+            "cpu_s_per_candidate": (cpu_seconds() - cpu_before) / len(candidates),
             "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "errors": problems[:3]}
 
 
@@ -190,15 +203,17 @@ def main() -> None:
             rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}"))
             print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
-    print("| way | candidates | wall s | candidates/hour | vs baseline | median build s | GPU busy | same verdicts |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| way | candidates | wall s | candidates/hour | vs baseline | median build s | CPU s each | GPU busy | "
+          "same verdicts |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         by_index = {index_of(name): verdict for name, verdict in row["verdicts"].items()}
         # The same verdicts: the baseline's on the candidates it ran, and as built (every fifth wrong) on all.
         same = all(by_index[index_of(name)] == verdict for name, verdict in base["verdicts"].items()) and \
             all(verdict == expected_verdict(index) for index, verdict in by_index.items())
         print(f"| {row['way']} | {row['candidates']} | {row['wall_s']:.0f} | {row['per_hour']:.0f} | "
-              f"{row['per_hour'] / base['per_hour']:.1f}x | {row['build_s_median']:.1f} | {row['gpu_busy']:.0%} | "
+              f"{row['per_hour'] / base['per_hour']:.1f}x | {row['build_s_median']:.1f} | "
+              f"{row['cpu_s_per_candidate']:.1f} | {row['gpu_busy']:.0%} | "
               f"{'yes' if same else 'NO'} |")
 
 if __name__ == "__main__":

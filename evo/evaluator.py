@@ -10,19 +10,18 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from evo import cores, devices, judgement
+from evo import cores, devices, judgement, reference_timing
 from evo.config import VerifyPolicy
 from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem, inputs_made
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
-from evo.session import ReferenceTiming, TaskSession, await_started, checker_answer, new_seeds
-from evo.timing import (Samples, SubjectError, exchanged, plan, time_candidate, time_reference, timer_consistency,
-                        warm_up)
+from evo.reference_timing import WARM_SECONDS
+from evo.session import TaskSession, await_started, checker_answer, new_seeds
+from evo.timing import Calibration, Samples, SubjectError, exchanged, time_candidate, timer_consistency, warm_up
 from evo.verdict import Timings, Verdict
 
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
-WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 # A candidate's timing follows the session's last timing closer than this (a search's steady state,
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
@@ -97,16 +96,19 @@ class Evaluation:
     def on_device(self) -> None:
         self.prepare_checker()
         self.time_reference()
-        self.load_candidate()
         self.start_profiled_call()
+        self.load_candidate()
         self.correctness()
         self.finish_profiled_call()
         self.time_candidate()
         self.which_kernels()
 
     def timed_groups(self) -> list[int]:
-        """The process groups of the processes whose work is timed or on the timed path."""
-        return [process.pid for process in (self.checker, self.flusher, self.runner) if process.running()]
+        """The process groups of the processes the device phase waits on: those timed or on the
+        timed path, and the profiler's (it ends before the first timed window; on cores busy
+        with builds and interpreters starting it would keep the device waiting)."""
+        return [process.pid for process in (self.checker, self.flusher, self.runner, self.profiler)
+                if process.running()]
 
     def sandbox_failed(self, failure: SandboxFailure):
         """A candidate's failure costs only its own verdict; a trusted process's failure is an
@@ -223,8 +225,9 @@ class Evaluation:
             self.timed_seeds = self.reference.plan.seeds(new_seeds)
             self.timings.reference_reused = True
         else:
-            self.reference = self.measure_reference()
-            self.session.reference = self.reference
+            self.reference, self.timed_seeds = reference_timing.measure(self.checker, self.flusher, self.policy,
+                                                                        self.task_facts, self.device)
+            self.session.reference, self.session.last_timed = self.reference, time.monotonic()
         self.timings.reference_eager = self.reference.stats
         self.timings.reference_compile = self.reference.compile_stats
         self.exchange_bytes = self.reserve_exchange()
@@ -237,29 +240,6 @@ class Evaluation:
         outputs = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
         inputs = sum(meta["nbytes"] for meta in self.task_facts["inputs"])
         return self.session.exchange.reserve(2 * max(outputs + inputs, self.reference.plan.window * outputs))
-
-    def measure_reference(self) -> ReferenceTiming:
-        policy, timeout = self.policy, self.policy.call_timeout_s
-        self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
-        try:
-            warm = warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
-            timed_plan = plan(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls,
-                              self.device.max_window)
-            out_bytes = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
-            keep = timed_plan.window * timed_plan.windows * out_bytes <= policy.expected_memory_bytes
-            self.timed_seeds = timed_plan.seeds(new_seeds)
-            samples = time_reference(self.checker, self.flusher, self.timed_seeds, "eager", keep, timeout)
-            compile_stats = None
-            if policy.compile_baseline:
-                warm_up(self.checker, self.flusher, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
-                        policy.load_timeout_s, False)
-                compile_stats = time_reference(self.checker, self.flusher, timed_plan.seeds(new_seeds), "compile",
-                                               False, timeout).stats()
-        except SubjectError as err:
-            raise EvaluatorError(f"timing the reference failed: {err}") from None
-        self.session.last_timed = time.monotonic()
-        return ReferenceTiming(samples=samples, stats=samples.stats(), compile_stats=compile_stats, plan=timed_plan,
-                               measured_at=time.monotonic())
 
     def load_message(self, process: SandboxProcess) -> dict:
         facts = self.task_facts
@@ -337,8 +317,10 @@ class Evaluation:
             self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
             warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True)
+            self.end_profiler()
             candidate = self.timed_calls(self.timed_seeds)
-            if not timer_consistency(self.reference.samples, candidate, self.device.kind)[0].passed:
+            protocol = self.calibrate()
+            if not timer_consistency(protocol, candidate, self.device.kind)[0].passed:
                 # A host that stalled the candidate's process looks like a tampered timer once;
                 # tampering shows every time. Fresh seeds, so no output of the first timing helps.
                 self.warnings.append("the candidate's first timing left more time outside its timer than allowed "
@@ -352,8 +334,11 @@ class Evaluation:
         candidate.dump("candidate")
         self.reference.samples.dump("reference")
         self.timings.timing_s += time.monotonic() - started
-        self.judgement.timed(self.reference.samples, candidate, self.timings, self.task_facts, self.device,
+        self.judgement.timed(protocol, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
+
+    def calibrate(self) -> Calibration:
+        return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s)
 
     def timed_calls(self, seeds: list[list[int]]) -> Samples:
         return time_candidate(self.runner, self.checker, self.flusher, seeds, self.exchange_bytes,
@@ -370,10 +355,15 @@ class Evaluation:
         self.profiled_call.start(self.load_message(self.profiler), new_seeds(1)[0])
 
     def finish_profiled_call(self) -> None:
-        """Collect the profile, then end the process: no candidate code but the timed one runs
-        while the candidate is timed."""
+        """Collect the profile and kill the process; `end_profiler` waits for it to be gone."""
         self.doing = "the profiled call"
         self.profiled = self.profiled_call.finish(self.judgement)
+        self.profiler.stop()
+
+    def end_profiler(self) -> None:
+        """No candidate code but the timed one runs while the candidate is timed: the profiler's
+        process, killed when its profile arrived, has ended (and its device context with it)
+        before the first timed window. Its ending overlaps the warm-up calls."""
         self.processes.remove(self.profiler)
         self.session.release(self.profiler)
 

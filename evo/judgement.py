@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
 
-from evo.timing import Samples, input_preparation, timer_consistency
+from evo.timing import Calibration, Samples, input_preparation, timer_consistency
 from evo.verdict import Check, Roofline, Timings
 
 # Margins over the measured ceilings before a time counts as faster than the device allows:
@@ -126,7 +126,7 @@ class Judgement:
 
     # ---- what the parent decides from the timings ----------------------------------------
 
-    def timed(self, reference: Samples, candidate: Samples, timings: Timings, facts: dict, device,
+    def timed(self, reference: Calibration, candidate: Samples, timings: Timings, facts: dict, device,
               allow_reduced_precision: bool) -> None:
         self.passed("runs", "every call completed")
         consistency, charged_ms = timer_consistency(reference, candidate, device.kind)

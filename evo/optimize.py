@@ -66,9 +66,13 @@ class Optimizer:
 
     def search_task(self, task: Task, index: int) -> TaskOutcome:
         """The task's search, with a session per device: its reference checker and timing, and
-        candidate processes started ahead of need, serve every evaluation of the task there."""
+        candidate processes started ahead of need, serve every evaluation of the task there.
+        A session keeps as many spares as evaluations run at once on its device: a candidate
+        that builds nothing then finds its processes started, and the device does not wait on
+        interpreters starting."""
         self.sessions = {device: TaskSession(task.path, self.policy.model_copy(update={"device": device}),
-                                             standby=1).start() for device in self.setup.devices}
+                                             standby=self.evaluations_per_gpu).start()
+                         for device in self.setup.devices}
         try:
             return self.search_loop(task, index)
         finally:

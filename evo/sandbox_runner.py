@@ -331,13 +331,20 @@ class SandboxProcess:
 
     # ---- ending -----------------------------------------------------------------------------
 
-    def kill(self) -> None:
+    def stop(self) -> None:
+        """Kill the whole group at once, without waiting for it to end (its device context may
+        take a tenth of a second to go): `kill` later waits for it."""
         if self.proc is None:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        self.stop()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -107,6 +107,22 @@ def plan(reference_ms: float, budget_s: float, lowest: int, highest: int, max_wi
     return Plan(window=window, windows=max(3, math.ceil(calls / window)))
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the reference's windows show of the protocol itself: the time per window its timer
+    leaves out, and the time it takes to make a window's inputs. The least over its timings:
+    a reference slowed by a busy host (one timed while other processes started on the device)
+    would otherwise widen what a candidate may hide, for as long as that timing is reused."""
+
+    overhead_ms: float
+    prepare_ms: float
+
+
+def calibration(*timings: Samples) -> Calibration:
+    return Calibration(overhead_ms=min(samples.overhead_ms() for samples in timings),
+                       prepare_ms=min(samples.prepare_ms() for samples in timings))
+
+
 def lower_quartile(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 4]
@@ -188,13 +204,13 @@ def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], 
     return times
 
 
-def timer_consistency(reference: Samples, candidate: Samples, device_kind: str) -> tuple[Check, float]:
+def timer_consistency(reference: Calibration, candidate: Samples, device_kind: str) -> tuple[Check, float]:
     """Per window, the time outside the event windows must not exceed the reference's: more
     means the timer under-reported, or work ran after it stopped. Returns the check and the
     milliseconds per call charged to the candidate: what it left unaccounted beyond the slack,
     so that hiding work never pays, while a noisy host costs an honest candidate a little speed
     instead of its verdict."""
-    ref_overhead, cand_overhead = reference.overhead_ms(), candidate.overhead_ms()
+    ref_overhead, cand_overhead = reference.overhead_ms, candidate.overhead_ms()
     slack_ms, slack_fraction = OVERHEAD_SLACK[device_kind]
     slack = slack_ms + slack_fraction * ref_overhead
     calls = len(candidate.event_ms) // len(candidate.window_wall_ms)
@@ -217,11 +233,11 @@ def timer_consistency(reference: Samples, candidate: Samples, device_kind: str) 
         f"reference {ref_overhead:.4f} ms)")), 0.0
 
 
-def input_preparation(reference: Samples, candidate: Samples) -> Check:
+def input_preparation(reference: Calibration, candidate: Samples) -> Check:
     """Making a window's inputs runs the task's own generator in both subjects; a candidate that
     takes far longer is doing work there that its timer does not see. The bound is loose, since
     generating inputs on a busy host jitters by milliseconds."""
-    ref_ms, cand_ms = reference.prepare_ms(), candidate.prepare_ms()
+    ref_ms, cand_ms = reference.prepare_ms, candidate.prepare_ms()
     allowed = PREPARE_FACTOR * ref_ms + PREPARE_SLACK_MS
     if cand_ms > allowed:
         return Check(name="input_preparation", passed=False, detail=(

@@ -151,7 +151,7 @@ class Checker:
         seconds); or None, and the failed check sent, when they did not fit the room made for
         the reference's."""
         if msg["exchanged"]:
-            return [tensor.to(self.device) for tensor in self.exchange.read(msg["tensors"], msg["exchange_bytes"])]
+            return self.exchange.read(msg["tensors"], msg["exchange_bytes"], self.device)
         described = [torch.empty(meta["shape"], dtype=exchange.dtype_of(meta), device="meta")
                      for meta in msg["tensors"][: msg["outputs"]]]
         check = numerics.check_output_meta(described, self.output_shapes)

@@ -19,6 +19,8 @@ import mmap
 import numpy
 import torch
 
+STAGING_BYTES = 64 << 20  # pinned host memory a reader keeps for copies to a GPU
+
 
 def dtype_of(meta: dict) -> torch.dtype:
     """The dtype a tensor's metadata names; what a candidate's process sent may name anything."""
@@ -33,6 +35,7 @@ class Exchange:
         self.fd, self.writable = fd, writable
         self.view: mmap.mmap | None = None
         self.size = 0
+        self.staging: torch.Tensor | None = None  # pinned host memory, for copies to a GPU
 
     def mapped(self, size: int) -> mmap.mmap:
         """The buffer, mapped at least `size` bytes long (evo grew the file to that first)."""
@@ -57,16 +60,38 @@ class Exchange:
             offset += meta["nbytes"]
         return True
 
-    def read(self, metas: list[dict], size: int) -> list[torch.Tensor]:
-        """Copies of the tensors the metadata describes, laid out as `write` leaves them."""
+    def read(self, metas: list[dict], size: int, device: str = "cpu") -> list[torch.Tensor]:
+        """Copies on `device` of the tensors the metadata describes, laid out as `write` leaves
+        them: all their bytes in one copy (through a bounded pinned buffer to a GPU), each tensor
+        a view of it where its offset allows."""
         if sum(max(int(meta["nbytes"]), 0) for meta in metas) > size:
             raise ValueError("the described tensors do not fit in the exchange buffer")
-        view, offset, tensors = self.mapped(size), 0, []
+        for meta in metas:
+            if int(meta["nbytes"]) < 0:
+                raise ValueError(f"a tensor is described as {meta['nbytes']} bytes")
+        whole = self.copy_out(sum(int(meta["nbytes"]) for meta in metas), size, torch.device(device))
+        offset, tensors = 0, []
         for meta in metas:
             nbytes, dtype = int(meta["nbytes"]), dtype_of(meta)
-            if nbytes < 0:
-                raise ValueError(f"a tensor is described as {nbytes} bytes")
-            raw = numpy.frombuffer(view, dtype=numpy.uint8, count=nbytes, offset=offset).copy()
-            tensors.append(torch.from_numpy(raw).view(dtype).reshape(meta["shape"]))
+            raw = whole[offset: offset + nbytes]
+            if offset % dtype.itemsize:
+                raw = raw.clone()
+            tensors.append(raw.view(dtype).reshape(meta["shape"]))
             offset += nbytes
         return tensors
+
+    def copy_out(self, nbytes: int, size: int, device: torch.device) -> torch.Tensor:
+        """The first `nbytes` of the buffer (of `size` bytes in use), copied into memory of this
+        process on `device`."""
+        source = numpy.frombuffer(self.mapped(size), dtype=numpy.uint8, count=nbytes)
+        if device.type != "cuda":
+            return torch.from_numpy(source.copy())
+        whole = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if self.staging is None:
+            self.staging = torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+        staging = self.staging.numpy()
+        for start in range(0, nbytes, STAGING_BYTES):
+            count = min(STAGING_BYTES, nbytes - start)
+            staging[:count] = source[start: start + count]
+            whole[start: start + count].copy_(self.staging[:count])
+        return whole

@@ -16,6 +16,7 @@ from evo import evaluator
 from evo.evaluator import Evaluation
 from evo.sandbox_runner import SandboxProcess
 from evo.session import TaskSession
+from evo.timing import calibration
 from test_faults import descendants
 
 RELU = EXAMPLE_TASKS / "relu.py"
@@ -69,6 +70,50 @@ def test_a_candidate_timed_soon_after_the_last_timing_skips_the_clock_warm_up(se
     monkeypatch.setattr(SandboxProcess, "request", request)
     assert [evaluate(session).verdict_seen.verdict for _ in range(2)] == ["verified"] * 2
     assert asked.count("warm") == warm_ups
+
+
+@pytest.mark.parametrize("recalibrated", [True, False])
+def test_a_reference_timed_on_a_busy_host_does_not_let_a_timer_hide_that_much(session, monkeypatch, recalibrated):
+    """The session's reference timing, reused for minutes, was taken while the host was busy:
+    each of its windows left a second outside its timer. A patched timer is still caught, by the
+    reference's windows timed again beside the candidate's. Without them (the control case), the
+    slowed reference lets the same timer through."""
+    evaluate(session)
+    slowed = session.reference.samples
+    slowed.window_wall_ms[:] = [wall + 1000.0 for wall in slowed.window_wall_ms]
+    if not recalibrated:
+        monkeypatch.setattr(Evaluation, "calibrate", lambda self: calibration(self.reference.samples))
+    cheat = evaluate(session, CPU_CANDIDATES / "timer_patch.py")
+    if recalibrated:
+        assert cheat.verdict_seen.verdict == "rejected", cheat.verdict_seen.summary
+        assert "timer_consistency" in failed_names(cheat.verdict_seen)
+    else:
+        assert cheat.verdict_seen.verdict == "verified", cheat.verdict_seen.summary
+
+
+def test_the_profiler_has_ended_before_the_candidate_is_timed(session, monkeypatch):
+    """Invariant: no candidate code but the timed process's runs while the candidate is timed.
+    The profiler's process is killed when its profile arrives and has ended, with every process
+    of its group, when the first timed window starts."""
+    seen = []
+    timed_calls = Evaluation.timed_calls
+
+    def watched(self, seeds):
+        group = self.profiler.pid
+        seen.append([pid for pid in os.listdir("/proc") if pid.isdigit() and process_group(int(pid)) == group])
+        return timed_calls(self, seeds)
+
+    monkeypatch.setattr(Evaluation, "timed_calls", watched)
+    evaluation = evaluate(session)
+    assert evaluation.verdict_seen.verdict == "verified", evaluation.verdict_seen.summary
+    assert seen and seen[0] == []
+
+
+def process_group(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return -1
 
 
 def test_spares_are_started_ahead_of_need(session):

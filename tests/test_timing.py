@@ -1,0 +1,51 @@
+"""The timing protocol's judgements on samples: what the reference's windows allow a candidate."""
+
+from __future__ import annotations
+
+from evo.timing import Samples, calibration, input_preparation, timer_consistency
+
+CALLS = 8
+
+
+def windows(event_ms: float, outside_ms: float, prepare_ms: float, count: int = 6) -> Samples:
+    """Windows of CALLS calls of `event_ms` each, with `outside_ms` per window outside the timer."""
+    samples = Samples()
+    for _ in range(count):
+        samples.add_window([event_ms] * CALLS, event_ms * CALLS + outside_ms, prepare_ms)
+    return samples
+
+
+QUIET_REFERENCE = windows(0.5, outside_ms=1.0, prepare_ms=2.0)
+BUSY_REFERENCE = windows(0.5, outside_ms=6.0, prepare_ms=12.0)  # the host was busy while it was timed
+HIDING_TIMER = windows(0.05, outside_ms=1.0 + 0.45 * CALLS, prepare_ms=2.0)  # reports a tenth of 0.5 ms
+HIDING_IN_INPUTS = windows(0.5, outside_ms=1.0, prepare_ms=10.0)  # does its work while its inputs are made
+
+
+def test_the_calibration_is_the_least_of_the_reference_timings():
+    protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
+    assert protocol.overhead_ms == QUIET_REFERENCE.overhead_ms() == 1.0
+    assert protocol.prepare_ms == QUIET_REFERENCE.prepare_ms() == 2.0
+    assert calibration(BUSY_REFERENCE).overhead_ms == 6.0
+
+
+def test_a_busy_reference_alone_would_let_a_hiding_timer_through():
+    check, _ = timer_consistency(calibration(BUSY_REFERENCE), HIDING_TIMER, "cuda")
+    assert check.passed
+
+
+def test_a_quiet_timing_of_the_reference_beside_the_busy_one_catches_the_timer():
+    check, _ = timer_consistency(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_TIMER, "cuda")
+    assert not check.passed and "tampered" in check.detail
+
+
+def test_work_hidden_in_input_making_is_judged_against_the_quiet_timing():
+    assert input_preparation(calibration(BUSY_REFERENCE), HIDING_IN_INPUTS).passed
+    check = input_preparation(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_IN_INPUTS)
+    assert not check.passed and "outside its timer" in check.detail
+
+
+def test_an_honest_candidate_beside_a_quiet_reference_passes():
+    honest = windows(0.2, outside_ms=1.05, prepare_ms=2.1)
+    protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
+    assert timer_consistency(protocol, honest, "cuda")[0].passed
+    assert input_preparation(protocol, honest).passed
