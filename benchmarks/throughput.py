@@ -12,8 +12,9 @@ every source is unique, so nothing is served from a cache); every fifth is wrong
     reference timing reused, candidate processes started ahead of need), as many at once as the
     machine builds in parallel, with an empty build cache.
 Printed: candidates per hour, the ratio to the baseline, the median build seconds per
-candidate, the CPU seconds spent per candidate (every process of the run), the GPU's busy fraction (time a candidate's device work held the GPU, over the wall
-time), and whether both ways gave the same verdicts on the candidates both evaluated.
+candidate, the CPU seconds spent per candidate (every process of the run), the GPU's busy
+fraction (time a candidate's device work held the GPU, over the wall time), and whether both
+ways gave the same verdicts on the candidates both evaluated.
 Targets (issue 6): >= 30x the baseline for NVRTC candidates, >= 15x for load_inline.
 """
 

@@ -15,9 +15,9 @@ from evo.config import VerifyPolicy
 from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem, inputs_made
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
-from evo.reference_timing import WARM_SECONDS
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
-from evo.timing import Calibration, Samples, SubjectError, exchanged, time_candidate, timer_consistency, warm_up
+from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, time_candidate,
+                        timer_consistency, warm_up)
 from evo.verdict import Timings, Verdict
 
 
@@ -70,7 +70,7 @@ class Evaluation:
                 self.build()
             self.await_candidate_processes()
             self.await_task()
-            with devices.exclusive(self.device) as waited, cores.timing(self.device.kind, self.timed_groups()):
+            with devices.exclusive(self.device) as waited, cores.timing(self.device.kind, self.device_phase_groups()):
                 self.timings.queued_s += waited
                 held = time.monotonic()
                 try:
@@ -103,7 +103,7 @@ class Evaluation:
         self.time_candidate()
         self.which_kernels()
 
-    def timed_groups(self) -> list[int]:
+    def device_phase_groups(self) -> list[int]:
         """The process groups of the processes the device phase waits on: those timed or on the
         timed path, and the profiler's (it ends before the first timed window; on cores busy
         with builds and interpreters starting it would keep the device waiting)."""

@@ -12,9 +12,8 @@ from evo.devices import Device
 from evo.judgement import EvaluatorError
 from evo.sandbox_runner import SandboxProcess
 from evo.session import ReferenceTiming, new_seeds
-from evo.timing import Calibration, SubjectError, calibration, plan, time_reference, warm_up
+from evo.timing import WARM_SECONDS, Calibration, SubjectError, calibration, plan, time_reference, warm_up
 
-WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 RECALIBRATION_WINDOWS = 3  # of the reference, timed again beside each candidate's windows
 
 

@@ -41,6 +41,7 @@ OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 # its timer saw in the window, or by this many milliseconds if that is more. On a GPU, honest
 # candidates on a loaded H200 host went up to 0.25 ms past the slack, timer cheats 5 ms and more.
 TAMPERING_MS = {"cuda": 1.0, "cpu": 0.2}
+WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 # Making a window's inputs may take the candidate's process this much longer than the reference's.
 PREPARE_FACTOR = 2.0
 PREPARE_SLACK_MS = 1.0

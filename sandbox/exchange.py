@@ -64,15 +64,16 @@ class Exchange:
         """Copies on `device` of the tensors the metadata describes, laid out as `write` leaves
         them: all their bytes in one copy (through a bounded pinned buffer to a GPU), each tensor
         a view of it where its offset allows."""
-        if sum(max(int(meta["nbytes"]), 0) for meta in metas) > size:
+        sizes = [int(meta["nbytes"]) for meta in metas]
+        if sum(max(nbytes, 0) for nbytes in sizes) > size:
             raise ValueError("the described tensors do not fit in the exchange buffer")
-        for meta in metas:
-            if int(meta["nbytes"]) < 0:
-                raise ValueError(f"a tensor is described as {meta['nbytes']} bytes")
-        whole = self.copy_out(sum(int(meta["nbytes"]) for meta in metas), size, torch.device(device))
+        negative = next((nbytes for nbytes in sizes if nbytes < 0), None)
+        if negative is not None:
+            raise ValueError(f"a tensor is described as {negative} bytes")
+        whole = self.copy_out(sum(sizes), size, torch.device(device))
         offset, tensors = 0, []
-        for meta in metas:
-            nbytes, dtype = int(meta["nbytes"]), dtype_of(meta)
+        for meta, nbytes in zip(metas, sizes):
+            dtype = dtype_of(meta)
             raw = whole[offset: offset + nbytes]
             if offset % dtype.itemsize:
                 raw = raw.clone()
