@@ -4,6 +4,8 @@
 
 The candidates are variants of one ReLU kernel on examples/tasks/relu.py (block sizes differ,
 every source is unique, so nothing is served from a cache); every fifth is wrong on purpose.
+The load_inline ones are in the format evo's prompts ask for (prompts/parts/format_load_inline.md:
+kernels in a .cu that includes only cuda_runtime.h, bindings in the .cpp, no implicit headers).
   * baseline, the way KernelBench's harness evaluates: one candidate after another, each in a
     fresh interpreter that builds it with load_inline into an empty build directory, checks 5
     trials with allclose and times 100 calls with CUDA events. It runs the first --baseline
@@ -70,7 +72,8 @@ torch::Tensor forward(torch::Tensor x) {{
     return y;
 }}
 """
-ext = load_inline("throughput_v{index}_{salt}", cpp_sources=CPP, cuda_sources=CUDA, functions=["forward"])
+ext = load_inline("throughput_v{index}_{salt}", cpp_sources=CPP, cuda_sources=CUDA, functions=["forward"],
+                  extra_cuda_cflags=["-O3"], no_implicit_headers=True)
 class ModelNew(nn.Module):
     def forward(self, x):
         return ext.forward(x.contiguous())
@@ -173,7 +176,8 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
     with TaskSession(TASK, policy, cache, standby=workers) as session, ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
     wall = time.perf_counter() - started
-    problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results) if v.verdict == "error"]
+    problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results)
+                if v.verdict != expected_verdict(index_of(path.name))]
     return {"way": f"evo, {fmt}", "candidates": len(candidates), "wall_s": wall,
             "per_hour": len(candidates) / wall * 3600,
             "build_s_median": statistics.median(v.timings.build_s for v in results),
@@ -182,7 +186,8 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
             "correctness_s_median": statistics.median(v.timings.correctness_s for v in results),
             "timing_s_median": statistics.median(v.timings.timing_s for v in results),
             "cpu_s_per_candidate": (cpu_seconds() - cpu_before) / len(candidates),
-            "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "errors": problems[:3]}
+            "timed_twice": sum(any("timed again" in warning for warning in v.warnings) for v in results),
+            "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "unexpected": problems[:5]}
 
 
 def main() -> None:

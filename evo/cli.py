@@ -80,6 +80,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-limit-gb", type=float, help="resident memory a sandboxed process may use")
     parser.add_argument("--no-namespaces", action="store_true",
                         help="do not use Linux namespaces for the sandbox (reported in the verdict)")
+    parser.add_argument("--no-fork-server", action="store_true",
+                        help="start every candidate process and build as a fresh interpreter instead of forking it "
+                             "from one that has imported torch (slower; reported in the verdict)")
 
 
 def policy_from(args: argparse.Namespace):
@@ -87,6 +90,7 @@ def policy_from(args: argparse.Namespace):
         "device": args.device,
         "memory_limit_bytes": int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None else None,
         "use_namespaces": False if args.no_namespaces else None,
+        "fork_server": False if args.no_fork_server else None,
     }
     if args.command == "optimize":
         overrides.update(allow_reduced_precision=True if args.allow_reduced_precision else None)

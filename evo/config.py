@@ -34,6 +34,9 @@ class VerifyPolicy(BaseModel):
     call_timeout_s: float = Field(default=60.0, gt=0)  # one call
     memory_limit_bytes: int | None = Field(default=None, gt=0)  # of a sandbox; None: 3/4 of this machine's
     use_namespaces: bool = True
+    # Candidate processes and builds forked from an interpreter that has imported torch (each in
+    # namespaces of its own), rather than each started afresh.
+    fork_server: bool = True
     audit_task: bool = True
 
     @field_validator("device")

@@ -53,6 +53,7 @@ class Evaluation:
         self.facts: dict = {}
         self.warnings: list[str] = []
         self.extension_calls = 0  # calls into the candidate's compiled extensions, seen in one call
+        self.forked = False  # whether the candidate's processes were forked by the session's fork server
         self.phase = "load"  # the check a candidate process's crash or hang fails: load, then runs
         self.doing = "the build"  # what was under way, for failure messages
 
@@ -62,7 +63,11 @@ class Evaluation:
         started = time.monotonic()
         try:
             self.check_paths()
-            if self.session.standby:  # spares are started: take them once built, so builds in flight hold none
+            self.session.start_trusted()
+            self.session.start_fork_server()
+            if self.session.standby or self.session.fork_server is not None:
+                # Spares are started, or forks take a moment: take them once built, so that builds
+                # in flight hold none.
                 self.build()
                 self.spawn_processes()
             else:  # start-up of the processes overlaps the build
@@ -152,6 +157,7 @@ class Evaluation:
         self.session.start_trusted()
         self.checker, self.flusher = self.session.checker, self.session.flusher
         self.runner = self.own(self.session.take_candidate_process())
+        self.forked = self.runner.fork_server is not None
         self.profiler = self.own(self.session.take_candidate_process(profiler=True))
         self.profiled_call = ProfiledCall(self.profiler, self.policy.load_timeout_s, self.policy.call_timeout_s)
 
@@ -377,7 +383,7 @@ class Evaluation:
         common = dict(task=str(self.task), candidate=str(self.candidate), device=self.device.torch_name,
                       checks=self.judgement.checks, timings=self.timings, warnings=self.warnings,
                       isolation=self.profile.report(self.limits.memory_bytes, self.policy.call_timeout_s,
-                                                    self.device.visible),
+                                                    self.device.visible, self.forked),
                       environment=devices.environment(self.device, self.facts),
                       kernels=getattr(self, "kernels", None), roofline=self.judgement.roofline)
         if outcome is not None:

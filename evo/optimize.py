@@ -11,7 +11,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from evo import devices, sandbox_runner
+from evo import devices, live_sandboxes
 from evo.archive import Archive
 from evo.archive_views import lineage_text
 from evo.config import OptimizeConfig, VerifyPolicy
@@ -230,7 +230,7 @@ class Optimizer:
         """Ctrl-C: stop starting work and kill the sandboxes of evaluations under way; their
         candidates stay unfinished in the archive, and a resume evaluates them."""
         self.run_stop = "interrupted"
-        sandbox_runner.kill_all()
+        live_sandboxes.kill_all()
 
     # ---- resume -----------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ def run_search(setup: RunSetup) -> int:
     (the archive loses nothing either way: every write is its own transaction)."""
     progress = Progress(setup.run_id, [task.name for task in setup.tasks], setup.scripted)
     optimizer = Optimizer(setup, progress)
-    sandbox_runner.allow_new()
+    live_sandboxes.allow_new()
 
     def on_interrupt(signum, frame):
         if optimizer.run_stop == "interrupted":

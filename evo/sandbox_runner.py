@@ -7,7 +7,6 @@ No threads: one selector loop drains the child's output while frames come and go
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import resource
@@ -16,11 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from evo import live_sandboxes
 from evo.cores import thread_on
 from evo.isolation import IsolationProfile
 from evo.sandbox import wire
@@ -28,12 +27,6 @@ from evo.sandbox import wire
 SANDBOX_DIR = Path(wire.__file__).resolve().parent
 OUTPUT_KEEP = 32 * 1024  # bytes of the child's stdout/stderr kept, head and tail each
 MEMORY_CHECK_INTERVAL_S = 0.2
-
-
-_LIVE_SANDBOXES: set[int] = set()  # pids of the sandbox leaders this process started and has not reaped
-# Held while a sandbox is started and registered, and while orphans are swept, so that one
-# thread's sweep never takes another thread's sandbox, just forked, for an orphan.
-_SANDBOXES_LOCK = threading.Lock()
 
 
 PIPE_BYTES = 1 << 20
@@ -48,85 +41,9 @@ def widen_pipe(fd: int) -> None:
         pass
 
 
-def become_subreaper() -> None:
-    """Make orphans of our sandboxes (a double fork with setsid escapes a process group) become
-    our children rather than init's, so they can be found and killed when a sandbox ends."""
-    try:
-        PR_SET_CHILD_SUBREAPER = 36
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def kill_adopted_orphans(since: int) -> None:
-    """Kill the children of ours that a sandbox left behind: not a live sandbox leader, and
-    marked as sandboxed, or started after `since` (clock ticks since boot, as /proc counts) in
-    a session other than ours (a child evo itself runs, such as nvidia-smi, stays in ours)."""
-    with _SANDBOXES_LOCK:
-        _kill_orphans(since)
-
-
-def _kill_orphans(since: int) -> None:
-    own_session = os.getsid(0)
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
-            children = [int(pid) for pid in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-        for pid in children:
-            if pid in _LIVE_SANDBOXES or not (_is_sandboxed(pid) or (start_ticks(pid) >= since
-                                                                         and _session(pid) != own_session)):
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError, PermissionError):
-                pass
-
-
 # Sets the sandbox's resource limits and execs it: a subprocess preexec_fn could deadlock
 # while other threads of a search start sandboxes too.
 PRLIMIT = shutil.which("prlimit")
-_refusing = threading.Event()  # set by kill_all: no new sandbox starts until allow_new
-
-
-def kill_all() -> None:
-    """Kill every sandbox this process has running, and refuse new ones (Ctrl-C in a search):
-    the threads waiting on them see their sandbox end at once and return."""
-    with _SANDBOXES_LOCK:
-        _refusing.set()
-        for pid in list(_LIVE_SANDBOXES):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
-def allow_new() -> None:
-    _refusing.clear()
-
-
-def _session(pid: int) -> int:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return -1
-
-
-def start_ticks(pid: int) -> int:
-    """When a process started, in clock ticks since boot (/proc/PID/stat field 22)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def _is_sandboxed(pid: int) -> bool:
-    """Whether a process carries the marker every sandbox's environment has."""
-    try:
-        return b"EVO_SANDBOX=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
 
 
 class SandboxFailure(Exception):
@@ -170,10 +87,16 @@ class CappedOutput:
 
 class SandboxProcess:
     def __init__(self, program: str, *, isolation: IsolationProfile, workdir: Path, env: dict[str, str],
-                 limits: Limits, label: str, exchange_fd: int | None = None, start_cores: set[int] | None = None):
+                 limits: Limits, label: str, shared_fd: int | None = None, start_cores: set[int] | None = None,
+                 fork_server=None, watch_memory: bool = True):
         self.program = SANDBOX_DIR / program
         self.start_cores = start_cores  # where it starts (its children inherit them); None: anywhere
-        self.exchange_fd = exchange_fd  # the session's exchange buffer, for the checker and candidate processes
+        # Handed over beside the channel: the session's exchange buffer (checker, timed process), or
+        # the fork server's socket.
+        self.shared_fd = shared_fd
+        self.fork_server = fork_server  # an evo.fork_server.ForkServer that forks it; None: a fresh interpreter
+        # False for the fork server: its forks are its descendants, and each is held to the limit on its own.
+        self.watch_memory = watch_memory
         self.isolation, self.workdir, self.env, self.limits, self.label = isolation, workdir, env, limits, label
         self.proc: subprocess.Popen | None = None
         self.stdout, self.stderr = CappedOutput(), CappedOutput()
@@ -191,25 +114,17 @@ class SandboxProcess:
         parent_read, child_write = os.pipe()
         for write_end in (parent_write, child_write):
             widen_pipe(write_end)
-        given = (child_read, child_write) + ((self.exchange_fd,) if self.exchange_fd is not None else ())
-        command = self.isolation.command(self.workdir, [sys.executable, str(self.program), ",".join(map(str, given))])
-        if PRLIMIT:
-            command = [PRLIMIT, *self._limit_flags(), *command]
-        become_subreaper()
-        with _SANDBOXES_LOCK:
-            if _refusing.is_set():
-                os.close(child_read), os.close(child_write), os.close(parent_read), os.close(parent_write)
-                raise SandboxFailure("stopped", f"the {self.label} was not started: evo is stopping", self.label)
-            with thread_on(self.start_cores):
-                self.proc = subprocess.Popen(
-                    command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=given,
-                    start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
-            _LIVE_SANDBOXES.add(self.proc.pid)
+        given = (child_read, child_write) + ((self.shared_fd,) if self.shared_fd is not None else ())
+        try:
+            self.proc = self._fork(given) if self.fork_server is not None else self._spawn(given)
+        except BaseException:
+            os.close(parent_read), os.close(parent_write)
+            raise
+        finally:
+            os.close(child_read)
+            os.close(child_write)
         self.pid = self.proc.pid  # kept after close, to name the process in reports and tests
-        self.started_ticks = start_ticks(self.proc.pid)
-        os.close(child_read)
-        os.close(child_write)
+        self.started_ticks = live_sandboxes.start_ticks(self.proc.pid)
         self.to_child, self.from_child = parent_write, parent_read
         for fd in (self.to_child, self.from_child, self.proc.stdout.fileno(), self.proc.stderr.fileno()):
             os.set_blocking(fd, False)
@@ -218,6 +133,34 @@ class SandboxProcess:
         self.selector.register(self.proc.stdout, selectors.EVENT_READ, self.stdout)
         self.selector.register(self.proc.stderr, selectors.EVENT_READ, self.stderr)
         return self
+
+    def _spawn(self, given: tuple[int, ...]) -> subprocess.Popen:
+        """A fresh interpreter under the isolation profile's command."""
+        command = self.isolation.command(self.workdir, [sys.executable, str(self.program), ",".join(map(str, given))])
+        if PRLIMIT:
+            command = [PRLIMIT, *self._limit_flags(), *command]
+        live_sandboxes.become_subreaper()
+        with live_sandboxes.LOCK:
+            self._refuse_when_stopping()
+            with thread_on(self.start_cores):
+                proc = subprocess.Popen(
+                    command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=given,
+                    start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
+            live_sandboxes.LIVE.add(proc.pid)
+        return proc
+
+    def _fork(self, given: tuple[int, ...]):
+        """Forked by the fork server, which runs under the same profile and limits; it dies
+        with the server, which kill_all kills."""
+        with live_sandboxes.LOCK:
+            self._refuse_when_stopping()
+        return self.fork_server.fork(self.program.name, self.workdir, {**self.env, "EVO_SANDBOX": "1"}, given,
+                                     self.label)
+
+    def _refuse_when_stopping(self) -> None:
+        if live_sandboxes.REFUSING.is_set():
+            raise SandboxFailure("stopped", f"the {self.label} was not started: evo is stopping", self.label)
 
     def _limit_flags(self) -> list[str]:
         flags = ["--core=0:0", f"--nofile={self.limits.open_files}:{self.limits.open_files}"]
@@ -311,7 +254,7 @@ class SandboxProcess:
     def _check_memory(self) -> None:
         """At most a few times a second: walking /proc costs more than a short call."""
         now = time.monotonic()
-        if now < self.next_memory_check:
+        if now < self.next_memory_check or not self.watch_memory:
             return
         self.next_memory_check = now + MEMORY_CHECK_INTERVAL_S
         resident = tree_resident_bytes(self.proc.pid)
@@ -337,7 +280,10 @@ class SandboxProcess:
         if self.proc is None:
             return
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            if isinstance(self.proc, subprocess.Popen):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:  # forked: its keeper stays, to report the end once the process has wholly ended
+                self.proc.kill()
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -349,8 +295,8 @@ class SandboxProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             pass
-        _LIVE_SANDBOXES.discard(self.proc.pid)
-        kill_adopted_orphans(self.started_ticks)
+        live_sandboxes.LIVE.discard(self.proc.pid)
+        live_sandboxes.kill_adopted_orphans(self.started_ticks)
         self._drain()
 
     def _drain(self) -> None:

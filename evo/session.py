@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from evo import cores, devices, isolation
 from evo.config import VerifyPolicy
 from evo.exchange import ExchangeBuffer
+from evo.fork_server import FORKED_PROGRAMS, ForkServer
 from evo.judgement import EvaluatorError
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.timing import Plan, Samples
@@ -141,21 +143,54 @@ class TaskSession:
         self.last_timed = -float("inf")  # time.monotonic() when a timing phase last ended on the device
         self.spares: dict[bool, list[SandboxProcess]] = {False: [], True: []}  # by "warms the profiler"
         self.exchange = ExchangeBuffer()  # outputs from candidate processes to the checker
+        self.fork_server: ForkServer | None = None  # forks candidate processes and builds, once started
+        self.fork_failure: str | None = None  # why they are started afresh instead, once the server failed
         self.started = 0  # sandboxes started, for their directories' names
 
     # ---- processes ------------------------------------------------------------------------
 
     def sandbox(self, program: str, label: str, env_extra: dict[str, str] | None = None,
-                exchange: bool = False) -> SandboxProcess:
+                exchange: bool = False, shared_fd: int | None = None, watch_memory: bool = True) -> SandboxProcess:
+        """A sandbox running `program`: forked by the fork server where it serves that program,
+        else a fresh interpreter."""
+        server = self.fork_server if program in FORKED_PROGRAMS and self.fork_server is not None else None
+        if server is not None and not server.usable():
+            self.fork_failure = self.fork_failure or server.failure or "it stopped"
+            server = None
         with self.lock:
             self.started += 1
-            home = self.workdir / f"{label.replace(' ', '-')}-{self.started}"
+            parent = server.process.workdir if server is not None else self.workdir
+            home = parent / f"{label.replace(' ', '-')}-{self.started}"
         home.mkdir()
         env = devices.sandbox_env(home, self.device, env_extra or {})
         process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
-                                 label=label, exchange_fd=self.exchange.fd if exchange else None,
-                                 start_cores=cores.for_starting(self.device.kind))
-        return process.start()
+                                 label=label, shared_fd=self.exchange.fd if exchange else shared_fd,
+                                 start_cores=cores.for_starting(self.device.kind), fork_server=server,
+                                 watch_memory=watch_memory)
+        try:
+            return process.start()
+        except SandboxFailure as failure:
+            if server is None or server.usable():
+                raise
+            self.fork_failure = str(failure)  # the server failed, not this process: start it afresh
+            return self.sandbox(program, label, env_extra, exchange, shared_fd, watch_memory)
+
+    def start_fork_server(self) -> None:
+        """Start the fork server unless it runs (or failed, or the policy says no): it imports
+        torch while candidates build."""
+        if not self.policy.fork_server or self.fork_failure is not None:
+            return
+        if self.fork_server is not None and self.fork_server.process.running():
+            return
+        if self.fork_server is not None:
+            self.fork_server.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = self.sandbox("forkserver.py", "fork server", shared_fd=theirs.fileno(), watch_memory=False)
+        finally:
+            theirs.close()
+        process.send({"op": "ready"})
+        self.fork_server = ForkServer(process, ours, self.profile, self.policy.load_timeout_s)
 
     def start(self) -> "TaskSession":
         """Start the trusted processes (which load the task at once) and the spare candidate
@@ -163,6 +198,7 @@ class TaskSession:
         to report: it starts them again."""
         try:
             self.start_trusted()
+            self.start_fork_server()
             self.fill_spares()
         except (SandboxFailure, OSError):
             pass
@@ -258,6 +294,8 @@ class TaskSession:
             self.spares = {False: [], True: []}
         for process in spares:
             self.release(process)
+        if self.fork_server is not None:
+            self.fork_server.close()
         self.exchange.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -59,6 +59,9 @@ class Isolation(BaseModel):
     memory_limit_bytes: int
     call_timeout_s: float
     visible_gpus: str  # what CUDA_VISIBLE_DEVICES held for the candidate
+    # The candidate's processes were forked from evo's fork server (an interpreter that had
+    # imported torch, never candidate code), each in namespaces of its own; False: fresh interpreters.
+    forked: bool = False
     notes: list[str] = Field(default_factory=list)
 
 

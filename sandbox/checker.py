@@ -38,13 +38,7 @@ class Checker:
         wire.write_frame(self.write_fd, header, payload)
 
     def serve(self) -> None:
-        while True:
-            try:
-                header, payload = wire.read_frame(self.read_fd)
-            except wire.ChannelClosed:
-                return
-            if header["op"] == "exit":
-                return
+        for header, payload in wire.requests(self.read_fd):
             try:
                 getattr(self, "op_" + header["op"])(header, payload)
             except harness.UserCodeError as err:

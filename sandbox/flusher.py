@@ -26,13 +26,7 @@ def main() -> None:
     harness.start_device()
     harness.forbid_tracing()
     flusher = None
-    while True:
-        try:
-            msg, _ = wire.read_frame(read_fd)
-        except wire.ChannelClosed:
-            return
-        if msg["op"] == "exit":
-            return
+    for msg, _ in wire.requests(read_fd):
         if msg["op"] == "init":
             flusher = harness.CacheFlusher(msg["device"], msg["flush_bytes"])
         if msg["op"] == "warm":  # bring the clocks up before a timing phase

@@ -56,6 +56,19 @@ def read_frame(fd: int) -> tuple[dict, bytearray]:
     return header, payload
 
 
+def requests(fd: int):
+    """The (header, payload) of each message arriving on fd, until the other side closes it or
+    asks the program to exit. For trusted programs only: a candidate could replace what it calls."""
+    while True:
+        try:
+            header, payload = read_frame(fd)
+        except ChannelClosed:
+            return
+        if header.get("op") == "exit":
+            return
+        yield header, payload
+
+
 class FrameParser:
     """Incremental parser for the parent, which reads without blocking."""
 
