@@ -37,6 +37,8 @@ class VerifyPolicy(BaseModel):
     # Candidate processes and builds forked from an interpreter that has imported torch (each in
     # namespaces of its own), rather than each started afresh.
     fork_server: bool = True
+    # load_inline builds include torch's header precompiled for their flags (made by a trusted process).
+    precompiled_headers: bool = True
     audit_task: bool = True
 
     @field_validator("device")

@@ -172,10 +172,12 @@ class Evaluation:
         builder = self.own(self.session.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": "",
                                                                         "MAX_JOBS": str(devices.BUILD_JOBS)}))
         reply, _ = builder.request({"candidate": str(self.candidate), "extensions_cache": str(self.extensions_cache()),
-                                    "extensions_dir": str(builder.workdir / "extensions"),
+                                    "extensions_dir": str(builder.workdir / "extensions"), "headers": self.headers(),
                                     "allow_reduced_precision": self.policy.allow_reduced_precision},
                                    timeout=self.policy.build_timeout_s)
         builder.close()
+        if self.session.headers is not None:
+            self.session.headers.want(reply.get("headers_wanted"))
         if reply["ok"]:
             devices.publish_extensions(reply["extensions"], self.extensions_cache())
         self.timings.build_s = time.monotonic() - started
@@ -184,8 +186,13 @@ class Evaluation:
         if not reply["ok"]:
             log = f"\n{reply['log']}" if reply.get("log") else ""
             self.judgement.reject("build", f"{reply['error']}{log}")
-        self.judgement.passed("build", "built" if reply["extensions"] else
+        precompiled = " (with torch's header precompiled)" if reply.get("precompiled") else ""
+        self.judgement.passed("build", f"built{precompiled}" if reply["extensions"] else
                               "no extension to build at import" + (f" ({reply['deferred']})" if reply.get("deferred") else ""))
+
+    def headers(self) -> str | None:
+        """Where builds find precompiled torch headers (read-only to them), unless the policy says no."""
+        return str(self.session.headers.root) if self.session.headers is not None else None
 
     def extensions_cache(self) -> Path:
         """Built extensions by content hash: sandboxes read it, only this process writes it."""
@@ -252,6 +259,7 @@ class Evaluation:
         return {"op": "load", "candidate": str(self.candidate), "task": str(self.task), "device": self.device.torch_name,
                 "init_seed": facts["init_seed"], "allow_reduced_precision": self.policy.allow_reduced_precision,
                 "extensions_cache": str(self.extensions_cache()), "extensions_dir": str(process.workdir / "extensions"),
+                "headers": self.headers(),
                 "generate_on_device": facts["generate_on_device"], "flush_bytes": self.device.flush_bytes,
                 "poison_sizes": [meta["nbytes"] for meta in facts["outputs"]]}
 

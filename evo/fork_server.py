@@ -21,7 +21,7 @@ from evo.isolation import IsolationProfile
 from evo.sandbox_runner import SandboxFailure, SandboxProcess, widen_pipe
 
 # The programs a fork can run: those whose start-up is an interpreter importing torch.
-FORKED_PROGRAMS = ("candidate.py", "build.py")
+FORKED_PROGRAMS = ("candidate.py", "build.py", "pch.py")
 
 
 class ForkedProcess:
@@ -127,13 +127,15 @@ class ForkServer:
         try:
             with self.lock:
                 self.await_ready()
-                socket.send_fds(self.socket, [b"f"], list(sent))
+                try:
+                    socket.send_fds(self.socket, [b"f"], list(sent))
+                except OSError as err:
+                    raise self.failed(f"its socket failed ({err})") from None
                 reply, _ = self.process.request({"op": "fork", "program": program, "home": str(home), "env": env,
                                                  "fds": len(sent), "profile": self.profile,
                                                  "shared_root": str(self.process.workdir)}, timeout=self.timeout)
                 if "pid" not in reply:
-                    raise SandboxFailure("protocol", f"the fork server did not start the {label}: "
-                                         f"{reply.get('error', reply)}", label)
+                    raise self.failed(f"it did not start the {label} ({reply.get('error', reply)})")
                 keeper = self.host_pid_of(reply["pid"])
         except BaseException:
             for fd in (stdout_read, stderr_read, status_read):
@@ -149,7 +151,13 @@ class ForkServer:
         for child in children(self.host_pid):
             if innermost_pid(child) == pid:
                 return child
-        raise SandboxFailure("protocol", f"the fork server's child {pid} was not found", self.process.label)
+        raise self.failed(f"its child {pid} was gone at once")
+
+    def failed(self, reason: str) -> SandboxFailure:
+        """The server is not used again (its session starts processes afresh): the failure is
+        neither a candidate's nor its verdict's."""
+        self.failure = f"the fork server failed: {reason}"
+        return SandboxFailure("protocol", self.failure, self.process.label)
 
     def close(self) -> None:
         self.process.close()

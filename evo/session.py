@@ -23,6 +23,7 @@ from evo import cores, devices, isolation
 from evo.config import VerifyPolicy
 from evo.exchange import ExchangeBuffer
 from evo.fork_server import FORKED_PROGRAMS, ForkServer
+from evo.precompiled_headers import PrecompiledHeaders
 from evo.judgement import EvaluatorError
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.timing import Plan, Samples
@@ -144,7 +145,11 @@ class TaskSession:
         self.spares: dict[bool, list[SandboxProcess]] = {False: [], True: []}  # by "warms the profiler"
         self.exchange = ExchangeBuffer()  # outputs from candidate processes to the checker
         self.fork_server: ForkServer | None = None  # forks candidate processes and builds, once started
-        self.fork_failure: str | None = None  # why they are started afresh instead, once the server failed
+        self.fork_failure: str | None = None  # why they are started afresh instead, once a server failed to serve
+        # A search makes the precompiled headers its builds want; a one-shot verification uses those there are.
+        self.headers = PrecompiledHeaders(
+            self.cache_dir / "headers", lambda: self.sandbox("pch.py", "header precompiler", {"CUDA_VISIBLE_DEVICES": ""}),
+            self.release, policy.build_timeout_s, make_new=standby > 0) if policy.precompiled_headers else None
         self.started = 0  # sandboxes started, for their directories' names
 
     # ---- processes ------------------------------------------------------------------------
@@ -153,9 +158,9 @@ class TaskSession:
                 exchange: bool = False, shared_fd: int | None = None, watch_memory: bool = True) -> SandboxProcess:
         """A sandbox running `program`: forked by the fork server where it serves that program,
         else a fresh interpreter."""
-        server = self.fork_server if program in FORKED_PROGRAMS and self.fork_server is not None else None
+        server = self.fork_server if program in FORKED_PROGRAMS else None
         if server is not None and not server.usable():
-            self.fork_failure = self.fork_failure or server.failure or "it stopped"
+            self.fork_failure = self.fork_failure or server.failure  # a server that merely ended is started again
             server = None
         with self.lock:
             self.started += 1
@@ -169,15 +174,15 @@ class TaskSession:
                                  watch_memory=watch_memory)
         try:
             return process.start()
-        except SandboxFailure as failure:
+        except SandboxFailure:
             if server is None or server.usable():
                 raise
-            self.fork_failure = str(failure)  # the server failed, not this process: start it afresh
+            self.fork_failure = server.failure  # the server failed, not this process: start it afresh
             return self.sandbox(program, label, env_extra, exchange, shared_fd, watch_memory)
 
     def start_fork_server(self) -> None:
-        """Start the fork server unless it runs (or failed, or the policy says no): it imports
-        torch while candidates build."""
+        """Start the fork server unless it runs, the policy says no, or one failed to serve in this
+        session (its processes start afresh then): it imports torch while candidates build."""
         if not self.policy.fork_server or self.fork_failure is not None:
             return
         if self.fork_server is not None and self.fork_server.process.running():
@@ -294,6 +299,8 @@ class TaskSession:
             self.spares = {False: [], True: []}
         for process in spares:
             self.release(process)
+        if self.headers is not None:
+            self.headers.close()
         if self.fork_server is not None:
             self.fork_server.close()
         self.exchange.close()

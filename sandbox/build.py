@@ -44,7 +44,8 @@ def main() -> None:
     os.nice(BUILD_NICENESS)
     msg, _ = wire.read_frame(read_fd)
     ledger = hooks.ExtensionLedger()
-    hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], ledger)
+    hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], ledger,
+                  msg.get("headers"))
     started = time.monotonic()
     reply = {"ok": True, "deferred": None}
     try:
@@ -61,7 +62,8 @@ def main() -> None:
             reply = {"ok": False, "error": text}
         else:
             reply = {"ok": True, "deferred": text}
-    reply.update(extensions=ledger.extensions, seconds=time.monotonic() - started)
+    reply.update(extensions=ledger.extensions, seconds=time.monotonic() - started, precompiled=ledger.precompiled,
+                 headers_wanted=ledger.headers_wanted)
     wire.write_frame(write_fd, reply)
 
 

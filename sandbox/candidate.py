@@ -78,7 +78,8 @@ class Runner:
         self.clock_device = torch.device(self.device).type
         self.allow_reduced_precision = msg["allow_reduced_precision"]
         self.pinned_flags = harness.pin_numeric_flags(self.allow_reduced_precision)
-        hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], self.ledger)
+        hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], self.ledger,
+                      msg.get("headers"))
         _, self.get_inputs, get_init_inputs = harness.load_task(msg["task"])
         self.generate_on_device = msg["generate_on_device"]
         self.poison_sizes = msg["poison_sizes"]

@@ -39,9 +39,10 @@ import build  # noqa: E402
 import candidate  # noqa: E402
 import harness  # noqa: E402
 import isolate  # noqa: E402
+import pch  # noqa: E402
 import wire  # noqa: E402
 
-PROGRAMS = {"candidate.py": candidate, "build.py": build}
+PROGRAMS = {"candidate.py": candidate, "build.py": build, "pch.py": pch}
 # The keeper replaces its copy of this interpreter by this one (a few megabytes, not the
 # server's hundreds), waits for its child and writes the child's exit code where evo reads it.
 KEEPER = ("import os,sys\n"

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import shutil
+import sysconfig
 from pathlib import Path
 
 import torch
 import torch.utils.cpp_extension as cpp_extension
+
+if __package__:  # read as evo.sandbox.hooks (its lists, by the tests)
+    from . import precompiled
+else:  # in a sandbox, beside the other sandbox modules
+    import precompiled
 
 # Flags that trade accuracy for speed; refused unless reduced precision is allowed.
 REDUCED_PRECISION_FLAGS = ("-use_fast_math", "--use_fast_math", "-ffast-math", "-Ofast", "--ftz=true",
@@ -28,21 +35,31 @@ class ExtensionLedger:
         self.extensions: list[dict] = []  # name, build directory, flags of each extension loaded
         self.refused_flags: list[str] = []
         self.calls = 0  # calls into compiled extension functions
+        self.precompiled = 0  # extensions compiled with a precompiled torch header
+        self.headers_wanted: list[dict] = []  # precompiled.spec of builds that found no header for theirs
 
 
-def install(cache_root: str, private_root: str, allow_reduced_precision: bool, ledger: ExtensionLedger) -> None:
+def install(cache_root: str, private_root: str, allow_reduced_precision: bool, ledger: ExtensionLedger,
+            headers_root: str | None = None) -> None:
     """Route load_inline/load through the build cache and the flag policy.
 
     Each extension is built in `private_root`, a directory of this sandbox's own, starting from
     a copy of its entry in `cache_root` when there is one (read-only here; only the parent adds
     to it, after a build), so nothing a candidate writes reaches another candidate's build.
+    A load_inline build whose flags have a precompiled torch header in `headers_root` (read-only
+    here too) includes it first.
     """
     original_load_inline = cpp_extension.load_inline
     original_load = cpp_extension.load
 
     def guarded(original, kind):
+        signature = inspect.signature(original)
+
         @functools.wraps(original)
         def wrapper(name, *args, **kwargs):
+            # Every argument by its name, however it was passed: flags passed by position count too.
+            kwargs = dict(signature.bind(name, *args, **kwargs).arguments)
+            del kwargs["name"]
             flags = _flags_of(kwargs)
             refused = [flag for flag in flags if any(bad in flag for bad in REDUCED_PRECISION_FLAGS)]
             if refused and not allow_reduced_precision:
@@ -50,7 +67,7 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
                 raise RuntimeError(
                     f"compiler flags {' '.join(refused)} reduce floating-point precision, which the evaluator's policy forbids"
                 )
-            digest = hashlib.sha256(repr((kind, name, args, sorted(kwargs.items(), key=lambda kv: kv[0]), flags,
+            digest = hashlib.sha256(repr((kind, name, sorted(kwargs.items(), key=lambda kv: kv[0]), flags,
                                           torch.__version__, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
             entry = f"{name}-{digest}"
             build_dir = Path(private_root) / entry
@@ -65,7 +82,9 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
                 build_dir.mkdir(parents=True, exist_ok=True)
                 kwargs["build_directory"] = str(build_dir)
                 kwargs.pop("verbose", None)
-                module = original(name, *args, **kwargs)
+                if kind == "load_inline" and headers_root:
+                    _include_precompiled_header(kwargs, Path(headers_root), ledger)
+                module = original(name, **kwargs)
             ledger.extensions.append({"name": name, "entry": entry, "build_directory": str(build_dir), "flags": flags})
             if not isinstance(module, str):
                 _count_calls(module, ledger)
@@ -75,6 +94,30 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
 
     cpp_extension.load_inline = guarded(original_load_inline, "load_inline")
     cpp_extension.load = guarded(original_load, "load")
+
+
+def header_key(spec: dict) -> str:
+    """Where the header precompiled for `spec` lies under the headers' root: GCC checks neither
+    the headers nor the compiler it was made from, so their versions are part of the name."""
+    identity = (spec["with_cuda"], spec["extra_cflags"], torch.__version__, torch.version.git_version,
+                os.path.dirname(torch.__file__), os.environ.get("CXX", "c++"), sysconfig.get_paths()["include"])
+    return hashlib.sha256(repr(identity).encode()).hexdigest()[:24]
+
+
+def _include_precompiled_header(kwargs: dict, root: Path, ledger: ExtensionLedger) -> None:
+    """Put the precompiled header for this build's flags first in its binding file's compile, or
+    note that there is none yet."""
+    with_cuda = kwargs.get("with_cuda")
+    wanted = precompiled.spec(bool(kwargs.get("cuda_sources")) if with_cuda is None else bool(with_cuda),
+                              kwargs.get("extra_cflags"))
+    if wanted is None:
+        return
+    header = root / header_key(wanted) / precompiled.HEADER
+    if header.with_name(precompiled.HEADER + ".gch").is_file():
+        kwargs["extra_cflags"] = [*wanted["extra_cflags"], "-include", str(header)]
+        ledger.precompiled += 1
+    elif wanted not in ledger.headers_wanted:
+        ledger.headers_wanted.append(wanted)
 
 
 # Variables through which compilers take flags the call's arguments do not show.

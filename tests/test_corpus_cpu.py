@@ -122,6 +122,7 @@ CHEATS = [
     ("nan_output", RELU, ("values",), (), {}),
     ("fast_math_flags", RELU, ("compiler_flags",), (), {}),
     ("ofast_flags", RELU, ("compiler_flags",), (), {}),
+    ("positional_fast_math", RELU, ("compiler_flags",), (), {}),
     # No build sandbox starts for a source that never names the extension builder: it builds when loaded.
     ("obscured_extension_build", RELU, ("compiler_flags",), (), {}),
     pytest.param("pragma_fast_math", RELU, ("compiler_flags",), (), {}, marks=hole(

@@ -129,18 +129,29 @@ def test_a_forked_process_is_alone_in_its_namespaces(cache_dir):
     assert not (home.parent / "evo-fork-escape").exists()
 
 
-def test_a_stopped_fork_server_leaves_candidates_to_fresh_interpreters(cache_dir):
-    """The server is not trusted to stay up: when it is gone, processes start afresh, the
-    verdict says so, and nothing else changes."""
+def test_a_fork_server_that_ended_is_started_again(cache_dir):
     policy = VerifyPolicy(**POLICY)
     with TaskSession(RELU, policy, cache_dir, standby=0) as session:
         first = verify(RELU, HONEST, policy, cache_dir, session)
-        session.fork_server.process.stop()
+        ended = session.fork_server
+        ended.process.kill()
         second = verify(RELU, HONEST, policy, cache_dir, session)
-        failure = session.fork_failure
+        assert session.fork_server is not ended and session.fork_failure is None
     assert first.verdict == second.verdict == "verified", (first.summary, second.summary)
-    assert first.isolation.forked and not second.isolation.forked
-    assert failure
+    assert first.isolation.forked and second.isolation.forked
+
+
+def test_a_fork_server_that_cannot_serve_leaves_its_session_to_fresh_interpreters(cache_dir):
+    """As when CUDA was initialized in it: the session's processes start afresh, the verdict
+    says so, and nothing else changes."""
+    policy = VerifyPolicy(**POLICY)
+    with TaskSession(RELU, policy, cache_dir, standby=0) as session:
+        session.start_fork_server()
+        session.fork_server.failed("it was told it cannot")
+        verdict = verify(RELU, HONEST, policy, cache_dir, session)
+        assert session.fork_failure == "the fork server failed: it was told it cannot"
+    assert verdict.verdict == "verified", verdict.summary
+    assert not verdict.isolation.forked
 
 
 def test_the_cli_says_whether_processes_were_forked(tmp_path):

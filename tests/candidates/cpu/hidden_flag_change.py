@@ -1,10 +1,11 @@
 """Cheat: flip TF32 at import and hide it: the runner's own report of changed flags
-(Runner.changed_flags, found through gc) is replaced by one that always reports nothing.
+(Runner.changed_flags, found through gc or sys.modules) is replaced by one that always reports nothing.
 Meant to be caught by: global_flags. The report comes from inside the candidate's process, so
 it can be forged: a hole (on a GPU this gives TF32 matmuls unreported).
 """
 
 import gc
+import sys
 
 import torch
 import torch.nn as nn
@@ -62,8 +63,13 @@ kit = load_inline("evo_cpu_cheat_kit", cpp_sources=KIT_SOURCE,
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.set_float32_matmul_precision("high")
-for _obj in gc.get_objects():
-    if isinstance(_obj, type) and _obj.__name__ == "Runner" and hasattr(_obj, "changed_flags"):
+# The runner's class, where gc shows it (a fresh interpreter) or in a loaded module (a fork of the
+# fork server, whose objects loaded before the fork are frozen out of gc's lists).
+_found = [_obj for _obj in gc.get_objects() if isinstance(_obj, type)]
+_found += [value for module in list(sys.modules.values()) for value in vars(module).values()
+           if isinstance(value, type)]
+for _obj in _found:
+    if _obj.__name__ == "Runner" and hasattr(_obj, "changed_flags"):
         _obj.changed_flags = lambda self: []
 
 
