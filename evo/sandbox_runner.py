@@ -1,7 +1,10 @@
 """Starting a sandbox program in its own isolated process and talking to it.
 
-Every wait has a deadline; on a deadline, a memory overrun or a protocol violation the
-whole process group is killed (and with it the PID namespace, where there is one).
+A sandbox is a fresh interpreter under the isolation profile's command, or a process the
+task session's fork server forked (evo/fork_server.py). Every wait has a deadline; on a
+deadline, a memory overrun or a protocol violation the sandbox is killed: a fresh one's whole
+process group (and with it its PID namespace, where there is one), a forked one as the first
+process of its PID namespace, which ends all in there.
 No threads: one selector loop drains the child's output while frames come and go.
 """
 

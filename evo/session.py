@@ -23,8 +23,8 @@ from evo import cores, devices, isolation
 from evo.config import VerifyPolicy
 from evo.exchange import ExchangeBuffer
 from evo.fork_server import FORKED_PROGRAMS, ForkServer
-from evo.precompiled_headers import PrecompiledHeaders
 from evo.judgement import EvaluatorError
+from evo.precompiled_headers import PrecompiledHeaders
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.timing import Plan, Samples
 from evo.verdict import TimingStats
