@@ -109,11 +109,9 @@ class ForkServer:
         try:
             reply, _ = self.process.receive(self.timeout)
         except SandboxFailure as failure:
-            self.failure = str(failure)
-            raise
+            raise self.failed(f"it did not start ({failure})") from None
         if "error" in reply:
-            self.failure = reply["error"]
-            raise SandboxFailure("protocol", f"the fork server cannot serve: {reply['error']}", self.process.label)
+            raise self.failed(f"it cannot serve ({reply['error']})")
         self.host_pid = server_pid(self.process.pid)
 
     def fork(self, program: str, home: Path, env: dict[str, str], channel: tuple[int, ...], label: str) -> ForkedProcess:
