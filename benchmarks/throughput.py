@@ -1,6 +1,7 @@
 """Candidates evaluated per hour: a KernelBench-style harness against evo, measured in one run.
 
     python benchmarks/throughput.py [--candidates 16] [--baseline 4] [--formats load_inline,nvrtc]
+                                    [--phases] [--fresh-too]
 
 The candidates are variants of one ReLU kernel on examples/tasks/relu.py (block sizes differ,
 every source is unique, so nothing is served from a cache); every fifth is wrong on purpose.
@@ -17,6 +18,9 @@ Printed: candidates per hour, the ratio to the baseline, the median build second
 candidate, the CPU seconds spent per candidate (every process of the run), the GPU's busy
 fraction (time a candidate's device work held the GPU, over the wall time), and whether both
 ways gave the same verdicts on the candidates both evaluated.
+With --phases, also the median seconds of each step of evo's evaluations and of its waits for
+each sandbox's replies; with --fresh-too, evo's way again with a fresh interpreter per process
+instead of the fork server.
 Targets (issue 6): >= 30x the baseline for NVRTC candidates, >= 15x for load_inline.
 """
 
@@ -30,16 +34,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evo import devices  # noqa: E402
+from evo import devices, evaluator  # noqa: E402
 from evo.config import VerifyPolicy  # noqa: E402
-from evo.evaluator import verify  # noqa: E402
+from evo.evaluator import Evaluation, verify  # noqa: E402
+from evo.sandbox_runner import SandboxProcess  # noqa: E402
 from evo.session import TaskSession  # noqa: E402
 
 TASK = ROOT / "examples" / "tasks" / "relu.py"
@@ -121,6 +128,69 @@ print(json.dumps({"verdict": "verified" if ok else "rejected", "build_s": build_
 '''
 
 
+# Steps of an evaluation whose seconds --phases reports (medians over the candidates): those of
+# the device phase, and the build and the waits before it.
+PHASES = ("build", "spawn_processes", "await_candidate_processes", "await_task", "prepare_checker",
+          "time_reference", "start_profiled_call", "load_candidate", "correctness", "finish_profiled_call",
+          "time_candidate", "end_profiler", "timed_calls", "calibrate", "which_kernels", "release_processes")
+WARM_UP = "warm_up"  # evo.evaluator.warm_up, the candidate's untimed calls
+
+
+class PhaseClock:
+    """Seconds spent in each step of each evaluation, by wrapping the evaluator's methods: read
+    from outside, so that the evaluator carries no benchmark code."""
+
+    def __init__(self):
+        self.current = threading.local()
+        self.runs: list[dict[str, float]] = []
+        for name in PHASES:
+            setattr(Evaluation, name, self.timed(getattr(Evaluation, name), name))
+        evaluator.warm_up = self.timed(evaluator.warm_up, WARM_UP)
+        self.wait_for_replies()
+        run = Evaluation.run
+
+        def counted_run(evaluation):
+            self.current.spent = defaultdict(float)
+            try:
+                return run(evaluation)
+            finally:
+                self.runs.append(dict(self.current.spent))
+        Evaluation.run = counted_run
+
+    def wait_for_replies(self) -> None:
+        """The seconds spent waiting for each sandbox's replies, by the operation last sent to it
+        ("candidate process:prepare", "checker:compare_timed" and so on)."""
+        send, receive, clock = SandboxProcess.send, SandboxProcess.receive, self
+
+        def sending(process, header, *args, **kwargs):
+            process.benchmark_op = header.get("op")
+            return send(process, header, *args, **kwargs)
+
+        def receiving(process, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return receive(process, *args, **kwargs)
+            finally:
+                spent = getattr(clock.current, "spent", None)
+                if spent is not None:
+                    spent[f"{process.label}:{getattr(process, 'benchmark_op', None)}"] += time.perf_counter() - started
+        SandboxProcess.send, SandboxProcess.receive = sending, receiving
+
+    def timed(self, function, name):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.current.spent[name] += time.perf_counter() - started
+        return wrapper
+
+    def medians(self) -> dict[str, float]:
+        waits = sorted({name for run in self.runs for name in run if ":" in name})
+        names = [name for name in (*PHASES, WARM_UP, *waits) if any(name in run for run in self.runs)]
+        return {name: round(statistics.median(run.get(name, 0.0) for run in self.runs), 4) for name in names}
+
+
 def write_candidates(directory: Path, fmt: str, count: int, salt: str) -> list[Path]:
     paths = []
     for index in range(count):
@@ -167,18 +237,21 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
+def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | None, fork_server: bool = True) -> dict:
     """As `evo optimize` runs a task on one GPU: as many evaluations at once as the machine
     builds in parallel, and as many spare processes of each kind."""
-    policy = VerifyPolicy(device="cuda")
+    policy = VerifyPolicy(device="cuda", fork_server=fork_server)
     workers = devices.parallel_builds()
+    if phases:
+        phases.runs.clear()
     started, cpu_before = time.perf_counter(), cpu_seconds()
     with TaskSession(TASK, policy, cache, standby=workers) as session, ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
     wall = time.perf_counter() - started
     problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results)
                 if v.verdict != expected_verdict(index_of(path.name))]
-    return {"way": f"evo, {fmt}", "candidates": len(candidates), "wall_s": wall,
+    way = f"evo, {fmt}" + ("" if fork_server else ", fresh interpreters")
+    return {"way": way, "candidates": len(candidates), "wall_s": wall,
             "per_hour": len(candidates) / wall * 3600,
             "build_s_median": statistics.median(v.timings.build_s for v in results),
             "gpu_busy": sum(v.timings.device_s for v in results) / wall,
@@ -187,7 +260,8 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path) -> dict:
             "timing_s_median": statistics.median(v.timings.timing_s for v in results),
             "cpu_s_per_candidate": (cpu_seconds() - cpu_before) / len(candidates),
             "timed_twice": sum(any("timed again" in warning for warning in v.warnings) for v in results),
-            "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "unexpected": problems[:5]}
+            "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "unexpected": problems[:5],
+            **({"phase_s_median": phases.medians()} if phases else {})}
 
 
 def main() -> None:
@@ -195,7 +269,12 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=16, help="candidates of each format evo evaluates")
     parser.add_argument("--baseline", type=int, default=4, help="load_inline candidates the baseline evaluates")
     parser.add_argument("--formats", default="load_inline,nvrtc")
+    parser.add_argument("--phases", action="store_true", help="also print the median seconds of each step of evo's "
+                                                               "evaluations")
+    parser.add_argument("--fresh-too", action="store_true", help="also run evo's way with a fresh interpreter per "
+                                                                  "process instead of the fork server")
     args = parser.parse_args()
+    phases = PhaseClock() if args.phases else None
     salt = f"{os.getpid()}_{int(time.time())}"
     rows = []
     with tempfile.TemporaryDirectory(prefix="evo-throughput-") as scratch:
@@ -206,8 +285,11 @@ def main() -> None:
         rows.append(run_baseline(baseline_set))
         print(json.dumps(rows[-1]), flush=True)
         for fmt, candidates in sets.items():
-            rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}"))
+            rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}", phases))
             print(json.dumps(rows[-1]), flush=True)
+            if args.fresh_too:
+                rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}-fresh", phases, fork_server=False))
+                print(json.dumps(rows[-1]), flush=True)
     base = rows[0]
     print("| way | candidates | wall s | candidates/hour | vs baseline | median build s | CPU s each | GPU busy | "
           "same verdicts |")

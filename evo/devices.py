@@ -240,27 +240,63 @@ class Cancelled(Exception):
 
 
 @contextlib.contextmanager
-def exclusive(device: Device, cancelled: threading.Event | None = None):
+def exclusive(device: Device, cancelled: threading.Event | None = None, defer_teardowns: bool = False):
     """Hold the device for one evaluation's device work, so that two evo processes on one
     machine never run on a device at once and skew each other's timings. Yields the seconds
     spent waiting; a wait given a `cancelled` event raises Cancelled once it is set. The lock
     dies with the process that holds it; it is per machine and user, whatever cache directory
-    each process uses."""
-    locks = Path(tempfile.gettempdir()) / f"evo-{os.getuid()}-device-locks"
-    locks.mkdir(mode=0o700, exist_ok=True)
+    each process uses.
+
+    An earlier holder's killed processes may still be ending (their device contexts going)
+    when it gave the device up (see `Ending`). The new holder waits for them as it takes the
+    device; or, with `defer_teardowns`, calls `await_teardowns` itself before it times
+    anything or reads what they could reach, doing other work meanwhile."""
     started = time.monotonic()
-    with open(locks / f"{device.lock_name}.lock", "a") as handle:
+    with open(lock_path(device, "lock"), "a") as handle:
         if cancelled is None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         else:
             while not _try_lock(handle):
                 if cancelled.wait(LOCK_POLL_S):
                     raise Cancelled("the wait for the device was called off")
-        waited = time.monotonic() - started
         try:
-            yield waited
+            if not defer_teardowns:
+                await_teardowns(device)
+            yield time.monotonic() - started
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_path(device: Device, suffix: str) -> Path:
+    locks = Path(tempfile.gettempdir()) / f"evo-{os.getuid()}-device-locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    return locks / f"{device.lock_name}.{suffix}"
+
+
+def await_teardowns(device: Device) -> None:
+    """Return once no process of an earlier holder of the device is still ending. Called only
+    while holding the device, so no `Ending` begins while it waits."""
+    with open(lock_path(device, "ending"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+
+
+class Ending:
+    """Held by a holder of the device from the end of its turn until the processes it killed
+    have ended, so that it can give the device up at once and let them end while the next
+    holder starts work that is neither timed nor reads what they could reach. Taken only while
+    holding the device, after the holder's own `await_teardowns` (which would wait for it)."""
+
+    def __init__(self, device: Device):
+        self.device, self.handle = device, None
+
+    def hold(self) -> None:
+        self.handle = open(lock_path(self.device, "ending"), "a")
+        fcntl.flock(self.handle, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 LOCK_POLL_S = 0.02  # how often a cancellable wait tries the lock

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from evo import cores, devices, judgement, reference_timing
+from evo import builds, cores, devices, judgement, reference_timing
 from evo.config import VerifyPolicy
 from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem, inputs_made
 from evo.profiled_call import ProfiledCall
@@ -26,15 +26,6 @@ TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
 STILL_WARM_S = 1.0
-# A candidate whose source names none of these builds no C++ extension at import, so no build
-# sandbox is started for it. One that builds one by other means builds it when its processes
-# load it, under the same hooks: slower, never unchecked.
-EXTENSION_BUILDERS = (b"cpp_extension", b"load_inline")
-
-
-def names_an_extension_build(candidate: Path) -> bool:
-    source = candidate.read_bytes()
-    return any(name in source for name in EXTENSION_BUILDERS)
 
 
 class Evaluation:
@@ -46,7 +37,6 @@ class Evaluation:
         self.own_session = session is None  # a one-shot session ends with this evaluation
         self.session = session or TaskSession(task, policy, cache_dir)
         self.device, self.profile, self.limits = self.session.device, self.session.profile, self.session.limits
-        self.cache_dir = self.session.cache_dir
         self.judgement = Judgement()
         self.timings = Timings()
         self.processes: list[SandboxProcess] = []
@@ -75,14 +65,7 @@ class Evaluation:
                 self.build()
             self.await_candidate_processes()
             self.await_task()
-            with devices.exclusive(self.device) as waited, cores.timing(self.device.kind, self.device_phase_groups()):
-                self.timings.queued_s += waited
-                held = time.monotonic()
-                try:
-                    self.on_device()
-                finally:  # the candidate's code is gone before another may use the device or the exchange
-                    self.release_processes()
-                    self.timings.device_s = time.monotonic() - held
+            self.device_turn()
             outcome = None
         except Rejected:
             outcome = None
@@ -98,11 +81,35 @@ class Evaluation:
         self.timings.total_s = time.monotonic() - started
         return self.verdict(outcome)
 
+    def device_turn(self) -> None:
+        """The evaluation's turn on the device. Its processes are killed before the turn ends and
+        end after it, while the next evaluation checks in its checker and loads its candidate;
+        the next waits for them to be gone before it times anything or uses the exchange."""
+        ending = devices.Ending(self.device)
+        try:
+            with devices.exclusive(self.device, defer_teardowns=True) as waited, \
+                    cores.timing(self.device.kind, self.device_phase_groups()):
+                self.timings.queued_s += waited
+                held = time.monotonic()
+                try:
+                    self.on_device()
+                finally:  # none of the candidate's code runs on the host once another holds the device
+                    ending.hold()  # after this turn's own await_teardowns, which would wait for it
+                    self.stop_processes()
+                    self.timings.device_s = time.monotonic() - held
+        finally:
+            self.release_processes()
+            ending.release()
+
     def on_device(self) -> None:
         self.prepare_checker()
         self.time_reference()
         self.start_profiled_call()
         self.load_candidate()
+        # The previous turn's processes, still ending as the work above began, are gone: no
+        # work of theirs runs beside this candidate's checked or timed calls, and the exchange
+        # they could write was cleared after they ended.
+        devices.await_teardowns(self.device)
         self.correctness()
         self.finish_profiled_call()
         self.time_candidate()
@@ -129,6 +136,11 @@ class Evaluation:
             name = self.phase
         self.judgement.fail(name, f"{failure} (during {self.doing})")
         return None
+
+    def stop_processes(self) -> None:
+        """Kill them now, without waiting for them to end (`release_processes` waits)."""
+        for process in self.processes:
+            process.stop()
 
     def release_processes(self) -> None:
         for process in self.processes:
@@ -163,42 +175,7 @@ class Evaluation:
 
     def build(self) -> None:
         self.doing = "the build"
-        if not names_an_extension_build(self.candidate):
-            self.judgement.passed("build", "nothing to build ahead: the source names no C++ extension build "
-                                           "(what it compiles at run time, such as NVRTC or Triton kernels, "
-                                           "it compiles when loaded)")
-            return
-        started = time.monotonic()
-        builder = self.own(self.session.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": "",
-                                                                        "MAX_JOBS": str(devices.BUILD_JOBS)}))
-        reply, _ = builder.request({"candidate": str(self.candidate), "extensions_cache": str(self.extensions_cache()),
-                                    "extensions_dir": str(builder.workdir / "extensions"), "headers": self.headers(),
-                                    "allow_reduced_precision": self.policy.allow_reduced_precision},
-                                   timeout=self.policy.build_timeout_s)
-        builder.close()
-        if self.session.headers is not None:
-            self.session.headers.want(reply.get("headers_wanted"))
-        if reply["ok"]:
-            devices.publish_extensions(reply["extensions"], self.extensions_cache())
-        self.timings.build_s = time.monotonic() - started
-        if reply.get("refused_flags"):
-            self.judgement.reject("compiler_flags", f"{reply['error']}; pass --allow-reduced-precision to permit them")
-        if not reply["ok"]:
-            log = f"\n{reply['log']}" if reply.get("log") else ""
-            self.judgement.reject("build", f"{reply['error']}{log}")
-        precompiled = " (with torch's header precompiled)" if reply.get("precompiled") else ""
-        self.judgement.passed("build", f"built{precompiled}" if reply["extensions"] else
-                              "no extension to build at import" + (f" ({reply['deferred']})" if reply.get("deferred") else ""))
-
-    def headers(self) -> str | None:
-        """Where builds find precompiled torch headers (read-only to them), unless the policy says no."""
-        return str(self.session.headers.root) if self.session.headers is not None else None
-
-    def extensions_cache(self) -> Path:
-        """Built extensions by content hash: sandboxes read it, only this process writes it."""
-        path = self.cache_dir / "extensions" / self.device.arch_tag
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        builds.build(self.session, self.candidate, self.policy, self.judgement, self.timings, self.own)
 
     def await_task(self) -> None:
         """The task's facts, awaited without the device's lock, which loading the task takes."""
@@ -238,6 +215,7 @@ class Evaluation:
             self.timed_seeds = self.reference.plan.seeds(new_seeds)
             self.timings.reference_reused = True
         else:
+            devices.await_teardowns(self.device)
             self.reference, self.timed_seeds = reference_timing.measure(self.checker, self.flusher, self.policy,
                                                                         self.task_facts, self.device)
             self.session.reference, self.session.last_timed = self.reference, time.monotonic()
@@ -258,8 +236,8 @@ class Evaluation:
         facts = self.task_facts
         return {"op": "load", "candidate": str(self.candidate), "task": str(self.task), "device": self.device.torch_name,
                 "init_seed": facts["init_seed"], "allow_reduced_precision": self.policy.allow_reduced_precision,
-                "extensions_cache": str(self.extensions_cache()), "extensions_dir": str(process.workdir / "extensions"),
-                "headers": self.headers(),
+                "extensions_cache": str(builds.extensions_cache(self.session)),
+                "extensions_dir": str(process.workdir / "extensions"), "headers": builds.headers_root(self.session),
                 "generate_on_device": facts["generate_on_device"], "flush_bytes": self.device.flush_bytes,
                 "poison_sizes": [meta["nbytes"] for meta in facts["outputs"]]}
 

@@ -24,6 +24,9 @@ from evo.sandbox_runner import SandboxFailure, SandboxProcess, widen_pipe
 FORKED_PROGRAMS = ("candidate.py", "build.py", "pch.py")
 
 
+KEEPER_EXIT_S = 5.0  # the most a keeper that has reported may take to exit
+
+
 class ForkedProcess:
     """A forked process as subprocess.Popen shows its child: `pid` is its keeper's (the leader
     of its process group), `poll` and `wait` give the exit code the keeper reports, `stdout` and
@@ -36,6 +39,7 @@ class ForkedProcess:
         self.stdout = os.fdopen(stdout_fd, "rb", buffering=0)
         self.stderr = os.fdopen(stderr_fd, "rb", buffering=0)
         self.inner: list[int] = []  # the process itself, under its keeper, once looked up
+        self.keeper = keeper_handle(pid)  # readable once the keeper has exited; None if it has
 
     def poll(self) -> int | None:
         if self.returncode is None and select.select([self.status_fd], [], [], 0)[0]:
@@ -54,6 +58,10 @@ class ForkedProcess:
         os.close(self.status_fd)
         # A keeper killed before its child ended says nothing: evo killed it.
         self.returncode = int(text) if text.lstrip(b"-").isdigit() else -signal.SIGKILL
+        # Ended means every process of its group: the keeper exits as soon as it has reported.
+        if self.keeper is not None:
+            select.select([self.keeper], [], [], KEEPER_EXIT_S)
+            os.close(self.keeper)
 
     def kill(self) -> None:
         """Kill the process, not its keeper, which reports its end once it has wholly ended (its
@@ -68,6 +76,13 @@ class ForkedProcess:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def keeper_handle(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:  # it exited already, its child unstarted
+        return None
 
 
 def children(pid: int) -> list[int]:

@@ -47,7 +47,8 @@ PROGRAMS = {"candidate.py": candidate, "build.py": build, "pch.py": pch}
 # server's hundreds), waits for its child and writes the child's exit code where evo reads it.
 KEEPER = ("import os,sys\n"
           "_, status = os.waitpid(int(sys.argv[1]), 0)\n"
-          "os.write(int(sys.argv[2]), str(os.waitstatus_to_exitcode(status)).encode())\n")
+          "os.write(int(sys.argv[2]), str(os.waitstatus_to_exitcode(status)).encode())\n"
+          "os._exit(0)\n")
 
 
 KEEPER_FAILED = 70  # the exit code a forked process reports when its keeper could not start it

@@ -65,3 +65,35 @@ def test_closing_a_session_calls_off_its_wait_for_the_device():
     finally:
         release.set()
         holder.join()
+
+
+def test_a_new_holder_waits_for_what_the_last_holder_killed_to_end_unless_it_defers_that():
+    """The last holder gave the device up while its killed processes were still ending: a new
+    holder waits for them as it takes the device, or, deferring that, when it asks."""
+    device = devices.resolve("cpu")
+    ending = devices.Ending(device)
+    with devices.exclusive(device):
+        ending.hold()
+    seen: list[str] = []
+
+    def take(defer: bool) -> None:
+        with devices.exclusive(device, defer_teardowns=defer):
+            seen.append("took the device")
+            devices.await_teardowns(device)
+            seen.append("they have ended")
+
+    try:
+        for defer, before_release in ((True, ["took the device"]), (False, [])):
+            seen.clear()
+            if not defer:
+                with devices.exclusive(device, defer_teardowns=True):
+                    ending.hold()
+            taker = threading.Thread(target=take, args=(defer,))
+            taker.start()
+            time.sleep(1.0)
+            assert seen == before_release
+            ending.release()
+            taker.join(30)
+            assert seen == ["took the device", "they have ended"]
+    finally:
+        ending.release()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -109,10 +111,50 @@ def test_the_profiler_has_ended_before_the_candidate_is_timed(session, monkeypat
     assert seen and seen[0] == []
 
 
+def test_the_next_candidate_loads_while_the_last_ends_and_is_checked_only_once_it_has_ended(cache_dir, monkeypatch):
+    """An evaluation gives the device up as soon as its processes are killed; the next one loads
+    its candidate while they end, and waits for them to be gone before its first trial (nothing
+    of theirs runs beside its checked or timed calls, and the exchange was cleared after them).
+    Their ending is made slow here, as a large device context's is."""
+    ending_s = 4.0
+    events: dict[tuple[str, int], float] = {}
+    kill, load, correctness = SandboxProcess.kill, Evaluation.load_candidate, Evaluation.correctness
+
+    def slow_kill(process):
+        turn = getattr(process, "turn", None)  # a process that loaded a candidate
+        if turn is not None and process.proc is not None:
+            time.sleep(ending_s)
+        kill(process)
+        if turn is not None:
+            events.setdefault(("ended", turn), time.monotonic())
+
+    def loading(evaluation):
+        evaluation.runner.turn = turn = len({key[1] for key in events if key[0] == "load"})
+        events[("load", turn)] = time.monotonic()
+        load(evaluation)
+
+    def checking(evaluation):
+        events[("trials", evaluation.runner.turn)] = time.monotonic()
+        correctness(evaluation)
+
+    monkeypatch.setattr(SandboxProcess, "kill", slow_kill)
+    monkeypatch.setattr(Evaluation, "load_candidate", loading)
+    monkeypatch.setattr(Evaluation, "correctness", checking)
+    with TaskSession(RELU, POLICY, cache_dir, standby=2) as session, ThreadPoolExecutor(2) as pool:
+        verdicts = list(pool.map(lambda _: Evaluation(RELU, HONEST, POLICY, session=session).run(), range(2)))
+    assert [verdict.verdict for verdict in verdicts] == ["verified"] * 2, [verdict.summary for verdict in verdicts]
+    assert events[("load", 1)] < events[("ended", 0)], "the second candidate waited for the first's processes to load"
+    assert events[("trials", 1)] > events[("ended", 0)], "the second candidate's trials began before the first's " \
+                                                         "processes had ended"
+
+
 def process_group(pid: int) -> int:
+    """The process group of a process that has not exited (-1 for one that has: a zombie runs
+    nothing and holds no memory or device context)."""
     try:
-        return os.getpgid(pid)
-    except OSError:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        return -1 if state in ("Z", "X") else os.getpgid(pid)
+    except (OSError, IndexError):
         return -1
 
 

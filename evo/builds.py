@@ -1,0 +1,69 @@
+"""A candidate's C++ and CUDA extensions, built before its processes load it: in a build sandbox
+that sees no device, under the same hooks as at load (flags checked, arguments bound by name),
+into a cache by content hash that only evo writes and every sandbox reads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from evo import devices
+from evo.config import VerifyPolicy
+from evo.judgement import Judgement
+from evo.sandbox_runner import SandboxProcess
+from evo.session import TaskSession
+from evo.verdict import Timings
+
+# A candidate whose source names none of these builds no C++ extension at import, so no build
+# sandbox is started for it. One that builds one by other means builds it when its processes
+# load it, under the same hooks: slower, never unchecked.
+EXTENSION_BUILDERS = (b"cpp_extension", b"load_inline")
+
+
+def names_an_extension_build(candidate: Path) -> bool:
+    source = candidate.read_bytes()
+    return any(name in source for name in EXTENSION_BUILDERS)
+
+
+def extensions_cache(session: TaskSession) -> Path:
+    """Built extensions by content hash: sandboxes read it, only this process writes it."""
+    path = session.cache_dir / "extensions" / session.device.arch_tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def headers_root(session: TaskSession) -> str | None:
+    """Where builds find precompiled torch headers (read-only to them), unless the policy says no."""
+    return str(session.headers.root) if session.headers is not None else None
+
+
+def build(session: TaskSession, candidate: Path, policy: VerifyPolicy, judgement: Judgement, timings: Timings,
+          own: Callable[[SandboxProcess], SandboxProcess]) -> None:
+    """Build what the candidate builds at import, and judge the build (`judgement` raises on a
+    rejection). `own` makes the build sandbox the evaluation's, ended with its other processes."""
+    if not names_an_extension_build(candidate):
+        judgement.passed("build", "nothing to build ahead: the source names no C++ extension build "
+                                  "(what it compiles at run time, such as NVRTC or Triton kernels, "
+                                  "it compiles when loaded)")
+        return
+    started = time.monotonic()
+    builder = own(session.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": "", "MAX_JOBS": str(devices.BUILD_JOBS)}))
+    reply, _ = builder.request({"candidate": str(candidate), "extensions_cache": str(extensions_cache(session)),
+                                "extensions_dir": str(builder.workdir / "extensions"), "headers": headers_root(session),
+                                "allow_reduced_precision": policy.allow_reduced_precision},
+                               timeout=policy.build_timeout_s)
+    builder.close()
+    if session.headers is not None:
+        session.headers.want(reply.get("headers_wanted"))
+    if reply["ok"]:
+        devices.publish_extensions(reply["extensions"], extensions_cache(session))
+    timings.build_s = time.monotonic() - started
+    if reply.get("refused_flags"):
+        judgement.reject("compiler_flags", f"{reply['error']}; pass --allow-reduced-precision to permit them")
+    if not reply["ok"]:
+        log = f"\n{reply['log']}" if reply.get("log") else ""
+        judgement.reject("build", f"{reply['error']}{log}")
+    precompiled = " (with torch's header precompiled)" if reply.get("precompiled") else ""
+    judgement.passed("build", f"built{precompiled}" if reply["extensions"] else
+                     "no extension to build at import" + (f" ({reply['deferred']})" if reply.get("deferred") else ""))
