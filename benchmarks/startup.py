@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,13 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from evo.config import VerifyPolicy  # noqa: E402
 from evo.session import TaskSession  # noqa: E402
+from throughput import cpu_seconds  # noqa: E402  (this directory is the script's)
 
 TASK = ROOT / "examples" / "tasks" / "relu.py"
-
-
-def cpu_seconds() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def measure(device: str, forked: bool, rounds: int) -> dict:

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,20 +220,27 @@ def environment(device: Device, facts: dict) -> dict:
 
 
 def publish_extensions(extensions: list[dict], cache: Path) -> None:
-    """Copy what a build sandbox compiled into the shared cache, each entry at most once and
-    whole (copied beside it, then renamed), so a half-written entry is never read."""
+    """Copy what a build sandbox compiled into the shared cache, each entry at most once."""
     for extension in extensions:
-        target = cache / extension["entry"]
         source = Path(extension["build_directory"])
-        if target.exists() or not source.is_dir():
-            continue
-        staging = cache / f".{extension['entry']}.{os.getpid()}"
+        if source.is_dir():
+            install_whole(cache / extension["entry"],
+                          lambda staging: shutil.copytree(source, staging, ignore=shutil.ignore_patterns("lock")))
+
+
+def install_whole(target: Path, fill: Callable[[Path], None]) -> None:
+    """Put a directory into a cache at `target`, whole or not at all: `fill` makes it beside
+    the target, which it then replaces by a rename, so no reader sees it half-written. Where
+    another evo or thread put it there first, theirs stays."""
+    if target.exists():
+        return
+    staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    fill(staging)
+    try:
+        staging.rename(target)
+    except OSError:  # put there meanwhile
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("lock"))
-        try:
-            staging.rename(target)
-        except OSError:  # another evo published it first
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 class Cancelled(Exception):

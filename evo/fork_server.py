@@ -18,12 +18,11 @@ import threading
 from pathlib import Path
 
 from evo.isolation import IsolationProfile
+from evo.live_sandboxes import children
 from evo.sandbox_runner import SandboxFailure, SandboxProcess, widen_pipe
 
 # The programs a fork can run: those whose start-up is an interpreter importing torch.
 FORKED_PROGRAMS = ("candidate.py", "build.py", "pch.py")
-
-
 KEEPER_EXIT_S = 5.0  # the most a keeper that has reported may take to exit
 
 
@@ -83,13 +82,6 @@ def keeper_handle(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except ProcessLookupError:  # it exited already, its child unstarted
         return None
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
 
 
 def innermost_pid(pid: int) -> int | None:

@@ -40,20 +40,28 @@ def kill_adopted_orphans(since: int) -> None:
 
 def _kill_orphans(since: int) -> None:
     own_session = os.getsid(0)
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        try:
-            children = [int(pid) for pid in (task / "children").read_text().split()]
-        except (OSError, ValueError):
+    for pid in children(os.getpid()):
+        if pid in LIVE or not (_is_sandboxed(pid) or (start_ticks(pid) >= since and _session(pid) != own_session)):
             continue
-        for pid in children:
-            if pid in LIVE or not (_is_sandboxed(pid) or (start_ticks(pid) >= since
-                                                          and _session(pid) != own_session)):
-                continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError, PermissionError):
+            pass
+
+
+def children(pid: int) -> list[int]:
+    """The children of a process, whichever of its threads started them ([] once it is gone)."""
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
             try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError, PermissionError):
-                pass
+                found.extend(int(child) for child in (task / "children").read_text().split())
+            except (OSError, ValueError):  # the thread ended meanwhile
+                continue
+    except OSError:
+        return []
+    return found
 
 
 def kill_all() -> None:

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from evo.devices import install_whole
 from evo.sandbox import precompiled
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 
@@ -79,17 +80,14 @@ class PrecompiledHeaders:
 
     def install(self, key: str, made: Path) -> None:
         """Into the cache under its key, whole or not at all: a build never sees half a header."""
-        if not KEY.fullmatch(key) or (self.root / key).exists():
+        if not KEY.fullmatch(key):
             return
-        staging = self.root / f".{key}.{threading.get_ident()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for name in (precompiled.HEADER, precompiled.HEADER + ".gch"):
-            shutil.copyfile(made / name, staging / name)
-        try:
-            staging.rename(self.root / key)
-        except OSError:  # another evo installed it meanwhile
-            shutil.rmtree(staging, ignore_errors=True)
+
+        def copy(staging: Path) -> None:
+            staging.mkdir(parents=True)
+            for name in (precompiled.HEADER, precompiled.HEADER + ".gch"):
+                shutil.copyfile(made / name, staging / name)
+        install_whole(self.root / key, copy)
 
     def close(self) -> None:
         self.closing.set()

@@ -345,10 +345,9 @@ def tree_resident_bytes(root: int) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
                     break
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                stack.extend(int(child) for child in (task / "children").read_text().split())
         except (OSError, ValueError):
             continue
+        stack.extend(live_sandboxes.children(pid))
     return total
 
 
