@@ -130,10 +130,11 @@ print(json.dumps({"verdict": "verified" if ok else "rejected", "build_s": build_
 
 # Steps of an evaluation whose seconds --phases reports (medians over the candidates): those of
 # the device phase, and the build and the waits before it.
-PHASES = ("build", "spawn_processes", "await_candidate_processes", "await_task", "prepare_checker",
+PHASES = ("build", "spawn_processes", "await_candidate_processes", "await_task", "reserve_memory", "prepare_checker",
           "time_reference", "start_profiled_call", "load_candidate", "correctness", "finish_profiled_call",
           "time_candidate", "end_profiler", "timed_calls", "calibrate", "which_kernels", "release_processes")
 WARM_UP = "warm_up"  # evo.evaluator.warm_up, the candidate's untimed calls
+TEARDOWNS = "await_teardowns"  # evo.devices.await_teardowns: the last turn's processes ending
 
 
 class PhaseClock:
@@ -146,6 +147,7 @@ class PhaseClock:
         for name in PHASES:
             setattr(Evaluation, name, self.timed(getattr(Evaluation, name), name))
         evaluator.warm_up = self.timed(evaluator.warm_up, WARM_UP)
+        devices.await_teardowns = self.timed(devices.await_teardowns, TEARDOWNS)
         self.wait_for_replies()
         run = Evaluation.run
 
@@ -182,12 +184,14 @@ class PhaseClock:
             try:
                 return function(*args, **kwargs)
             finally:
-                self.current.spent[name] += time.perf_counter() - started
+                spent = getattr(self.current, "spent", None)  # None on the task loader's thread
+                if spent is not None:
+                    spent[name] += time.perf_counter() - started
         return wrapper
 
     def medians(self) -> dict[str, float]:
         waits = sorted({name for run in self.runs for name in run if ":" in name})
-        names = [name for name in (*PHASES, WARM_UP, *waits) if any(name in run for run in self.runs)]
+        names = [name for name in (*PHASES, WARM_UP, TEARDOWNS, *waits) if any(name in run for run in self.runs)]
         return {name: round(statistics.median(run.get(name, 0.0) for run in self.runs), 4) for name in names}
 
 

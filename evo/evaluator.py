@@ -65,6 +65,7 @@ class Evaluation:
                 self.build()
             self.await_candidate_processes()
             self.await_task()
+            self.reserve_memory()
             self.device_turn()
             outcome = None
         except Rejected:
@@ -106,12 +107,12 @@ class Evaluation:
         self.time_reference()
         self.start_profiled_call()
         self.load_candidate()
+        self.finish_profiled_call()  # its process ends during the trials
         # The previous turn's processes, still ending as the work above began, are gone: no
         # work of theirs runs beside this candidate's checked or timed calls, and the exchange
         # they could write was cleared after they ended.
         devices.await_teardowns(self.device)
         self.correctness()
-        self.finish_profiled_call()
         self.time_candidate()
         self.which_kernels()
 
@@ -183,6 +184,12 @@ class Evaluation:
         self.task_facts, queued = self.session.facts()
         self.timings.queued_s += queued
         self.timings.correctness_s += time.monotonic() - started - queued
+
+    def reserve_memory(self) -> None:
+        try:
+            self.session.reserve_window(self.runner, self.policy.load_timeout_s)
+        except SandboxFailure as failure:  # before any candidate code was there
+            raise EvaluatorError(f"reserving device memory in the candidate process failed: {failure}") from None
 
     def prepare_checker(self) -> None:
         """Take the task's facts from the session's checker (it loaded the task when it started),
@@ -348,6 +355,7 @@ class Evaluation:
 
     def finish_profiled_call(self) -> None:
         """Collect the profile and kill the process; `end_profiler` waits for it to be gone."""
+        self.phase = "runs"  # the candidate has loaded: a crash from now on fails its runs
         self.doing = "the profiled call"
         self.profiled = self.profiled_call.finish(self.judgement)
         self.profiler.stop()

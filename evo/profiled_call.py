@@ -4,8 +4,9 @@ It runs in a process of its own: a process once profiled launches work more slow
 process that is timed never is. That process warms the profiler up as it starts (seconds of
 imports on one core; the device is left alone), ahead of need. The call is asked for as soon as
 the reference is timed, so the candidate loads in both processes at once (a load that compiles,
-such as NVRTC's, costs the device's time once, not twice), and runs beside the correctness
-trials; the process ends before the candidate is timed.
+such as NVRTC's, costs the device's time once, not twice); it is collected once the candidate
+has loaded, and the process is killed then, so that it ends during the correctness trials,
+before the candidate is timed.
 """
 
 from __future__ import annotations

@@ -124,6 +124,13 @@ def calibration(*timings: Samples) -> Calibration:
                        prepare_ms=min(samples.prepare_ms() for samples in timings))
 
 
+def window_allocations(task_facts: dict, window: int) -> list[int]:
+    """The bytes of each device allocation a window's making takes, in order: its input sets,
+    then two NaN-filled blocks per output of each call (harness.poison_allocator)."""
+    inputs = [meta["nbytes"] for meta in task_facts["inputs"]] * window
+    return inputs + [meta["nbytes"] for meta in task_facts["outputs"] for _ in range(2)] * window
+
+
 def lower_quartile(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 4]

@@ -103,6 +103,15 @@ class Runner:
             harness.pin_numeric_flags(self.allow_reduced_precision)
         return changed
 
+    def op_reserve(self, msg: dict) -> None:
+        """Have the device's allocator take blocks of these sizes from the driver and keep them,
+        before the evaluation's turn on the device: a window's first allocations would otherwise
+        be the driver's, which took tens of milliseconds each on an H200 host where other
+        processes were starting. It only allocates: no kernel runs beside another's timing."""
+        blocks = [torch.empty(nbytes, dtype=torch.uint8, device=msg["device"]) for nbytes in msg["sizes"]]
+        del blocks
+        _write_frame(self.write_fd, {"reserved_bytes": torch.cuda.memory_reserved(msg["device"])})
+
     def op_prepare(self, msg: dict) -> None:
         """Make the inputs of the next window of calls, one set per seed, all alive at once (so each
         call's inputs sit at new addresses), and leave NaN-filled blocks for its outputs."""

@@ -22,6 +22,8 @@ from conftest import CUDA_CANDIDATES, EXAMPLE_TASKS, TASKS, failed_names
 from evo.config import VerifyPolicy
 from evo.evaluator import verify
 from evo.sandbox.hooks import REDUCED_PRECISION_FLAGS
+from evo.sandbox_runner import SandboxProcess
+from evo.session import TaskSession
 from evo.verdict import Verdict
 
 RELU = TASKS / "cuda_relu_odd.py"  # 999 x 1001: a size that is not a power of two
@@ -322,3 +324,29 @@ def test_every_candidate_is_tested_and_says_what_it_is():
         if not doc.startswith("Honest"):
             assert "caught by" in doc.lower() or "expected:" in doc.lower(), \
                 f"{path.name} does not name the check meant to catch it"
+
+
+@pytest.mark.gpu
+def test_output_memory_cheats_are_caught_in_a_process_that_reserved_its_window(cache_dir, monkeypatch):
+    """Within a session whose reference plan is known, a candidate's process takes a window's
+    memory from the driver before its turn (TaskSession.reserve_window); the blocks its outputs
+    land on must still be the NaN-filled ones, not reserved memory nothing has written."""
+    reserved = []
+    request = SandboxProcess.request
+
+    def recording(process, header, *args, **kwargs):
+        reply = request(process, header, *args, **kwargs)
+        if header.get("op") == "reserve":
+            reserved.append((sum(header["sizes"]), reply[0].get("reserved_bytes", 0)))
+        return reply
+
+    monkeypatch.setattr(SandboxProcess, "request", recording)
+    policy = VerifyPolicy(device="cuda", timing_budget_s=0.3, max_timed_calls=50)
+    with TaskSession(RELU_1MIB, policy, cache_dir, standby=1) as session:
+        honest = verify(RELU_1MIB, CUDA_CANDIDATES / "honest_nvrtc_relu.py", policy, cache_dir, session)
+        assert honest.verdict == "verified", explain(honest)
+        for cheat in ("stale_empty.py", "triton_partial_write.py", "cupy_pool_partial.py"):
+            verdict = verify(RELU_1MIB, CUDA_CANDIDATES / cheat, policy, cache_dir, session)
+            assert_rejected_by(verdict, ("values", "output_written"))
+    assert len(reserved) == 3, reserved  # every candidate after the reference was timed
+    assert all(held >= asked for asked, held in reserved), reserved

@@ -104,6 +104,11 @@ def honest_next(run_verify):
     return check
 
 
+# PROFILED_FIRST: the profiled call is collected as soon as the candidate has loaded, before the
+# trials (its process then ends while they run), so a forward that always fails fails there
+# first, in the candidate's profiler process, and the detail names the profiled call.
+
+
 def run_fault(run_verify, name: str, **policy):
     settings = {**FAULT_POLICY, **policy}
     started = time.monotonic()
@@ -166,7 +171,7 @@ def test_forward_that_raises_is_rejected_by_runs(run_verify):
     check = only_failure(verdict)
     assert check.name == "runs"
     assert "ValueError" in check.detail and "evo-fault: forward refuses to work" in check.detail
-    assert "trial 1" in check.detail and "raises.py, line 8" in check.detail
+    assert "the profiled call" in check.detail and "raises.py, line 8" in check.detail  # see PROFILED_FIRST
     assert_no_process_left()
 
 
@@ -177,7 +182,7 @@ def test_segfault_in_forward_is_rejected_by_runs(run_verify, honest_next):
     check = only_failure(verdict)
     assert check.name == "runs"
     assert "SIGSEGV" in check.detail or "segmentation fault" in check.detail
-    assert "candidate process" in check.detail
+    assert "candidate profiler" in check.detail  # see PROFILED_FIRST
     assert elapsed < SLACK_S
     honest_next()
 
@@ -212,7 +217,7 @@ def test_hanging_forward_times_out_as_runs(run_verify, honest_next, name):
     verdict, elapsed = run_fault(run_verify, name)
     check = only_failure(verdict)
     assert check.name == "runs"
-    assert "did not answer within" in check.detail and "candidate process" in check.detail
+    assert "did not answer within" in check.detail and "candidate profiler" in check.detail  # see PROFILED_FIRST
     assert CALL_TIMEOUT <= elapsed < CALL_TIMEOUT + SLACK_S
     assert verdict.isolation is not None and verdict.isolation.call_timeout_s == CALL_TIMEOUT
     honest_next()
@@ -232,7 +237,7 @@ def test_timeout_detail_names_the_call_and_the_limit(run_verify):
     verdict, _ = run_fault(run_verify, "hang_sleep.py", call_timeout_s=2)
     assert failed_names(verdict) == ["runs"], verdict.summary
     detail = verdict.failed()[0].detail
-    assert "trial 1" in detail
+    assert "the profiled call" in detail  # see PROFILED_FIRST
     assert "2 s" in detail or "2.0 s" in detail or "2 seconds" in detail
 
 
@@ -244,7 +249,7 @@ def test_memory_hog_is_stopped_by_the_memory_check(run_verify, honest_next):
     verdict, elapsed = run_fault(run_verify, "memory_hog.py", memory_limit_bytes=limit, call_timeout_s=60)
     check = only_failure(verdict)
     assert check.name == "memory", check.detail
-    assert "over the limit of 2.0 GiB" in check.detail and "candidate process" in check.detail
+    assert "over the limit of 2.0 GiB" in check.detail and "candidate profiler" in check.detail  # see PROFILED_FIRST
     assert verdict.isolation.memory_limit_bytes == limit
     assert elapsed < 30 + SLACK_S
     honest_next()

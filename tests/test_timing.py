@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from evo.timing import Samples, calibration, input_preparation, timer_consistency
+import torch
+
+from evo.sandbox import harness
+from evo.timing import Samples, calibration, input_preparation, timer_consistency, window_allocations
 
 CALLS = 8
 
@@ -49,3 +52,20 @@ def test_an_honest_candidate_beside_a_quiet_reference_passes():
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
     assert input_preparation(protocol, honest).passed
+
+
+def test_a_window_reservation_is_what_making_the_window_allocates_in_order(monkeypatch):
+    """TaskSession.reserve_window has a candidate's process take blocks of these sizes, so that
+    making a window finds each of its allocations cached, and the NaN-filled blocks are still
+    the ones the outputs land on: the input sets, then harness.poison_allocator's blocks."""
+    def get_inputs():
+        return [torch.randn(3, 5), torch.ones(7, dtype=torch.float64)]
+
+    window, output_sizes = 3, [40, 12]
+    made = [harness.make_inputs(get_inputs, seed, "cpu", False) for seed in range(window)]
+    poisoned, empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda nbytes, **kwargs: poisoned.append(nbytes) or empty(nbytes, **kwargs))
+    harness.poison_allocator("cpu", output_sizes * window)
+    facts = {"inputs": [{"nbytes": tensor.nbytes} for tensor in made[0]],
+             "outputs": [{"nbytes": nbytes} for nbytes in output_sizes]}
+    assert window_allocations(facts, window) == [tensor.nbytes for inputs in made for tensor in inputs] + poisoned
