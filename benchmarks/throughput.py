@@ -243,13 +243,15 @@ def cpu_seconds() -> float:
 
 def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | None, fork_server: bool = True) -> dict:
     """As `evo optimize` runs a task on one GPU: as many evaluations at once as the machine
-    builds in parallel, and as many spare processes of each kind."""
+    builds in parallel, of which evaluations_at_device hold processes, with as many spares."""
     policy = VerifyPolicy(device="cuda", fork_server=fork_server)
-    workers = devices.parallel_builds()
+    workers, holding_processes = devices.parallel_builds("cuda"), devices.evaluations_at_device("cuda")
     if phases:
         phases.runs.clear()
     started, cpu_before = time.perf_counter(), cpu_seconds()
-    with TaskSession(TASK, policy, cache, standby=workers) as session, ThreadPoolExecutor(workers) as pool:
+    with TaskSession(TASK, policy, cache, standby=holding_processes) as session, ThreadPoolExecutor(workers) as pool:
+        if fmt == "load_inline" and session.headers is not None:
+            session.headers.want_prompt_format()  # as evo optimize does for this format
         results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
     wall = time.perf_counter() - started
     problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results)

@@ -46,6 +46,7 @@ class Evaluation:
         self.forked = False  # whether the candidate's processes were forked by the session's fork server
         self.phase = "load"  # the check a candidate process's crash or hang fails: load, then runs
         self.doing = "the build"  # what was under way, for failure messages
+        self.holds_slot = False  # one of the session's process slots, taken once built
 
     # ---- the whole run --------------------------------------------------------------------
 
@@ -59,6 +60,7 @@ class Evaluation:
                 # Spares are started, or forks take a moment: take them once built, so that builds
                 # in flight hold none.
                 self.build()
+                self.take_process_slot()
                 self.spawn_processes()
             else:  # start-up of the processes overlaps the build
                 self.spawn_processes()
@@ -77,10 +79,18 @@ class Evaluation:
             outcome = ("error", str(err))
         finally:
             self.release_processes()
+            if self.holds_slot:
+                self.session.process_slots.release()
             if self.own_session:
                 self.session.close()
         self.timings.total_s = time.monotonic() - started
         return self.verdict(outcome)
+
+    def take_process_slot(self) -> None:
+        """Wait until fewer evaluations than the session keeps spares for hold candidate processes."""
+        if self.session.process_slots is not None:
+            self.session.process_slots.acquire()
+            self.holds_slot = True
 
     def device_turn(self) -> None:
         """The evaluation's turn on the device. Its processes are killed before the turn ends and

@@ -46,8 +46,10 @@ class Optimizer:
         self.provider_failures = 0
         self.task_stop: str | None = None  # set when the current task's search must end
         self.device_load = devices.DeviceLoad(setup.devices)
-        self.evaluations_per_gpu = self.config.evaluations_per_gpu or max(
-            2, devices.parallel_builds() // len(setup.devices))
+        kind, gpus = setup.devices[0].partition(":")[0], len(setup.devices)
+        self.evaluations_per_gpu = self.config.evaluations_per_gpu or max(2, devices.parallel_builds(kind) // gpus)
+        # Of those, how many hold candidate processes at once (the rest build or wait for a slot).
+        self.processes_per_gpu = min(self.evaluations_per_gpu, max(2, devices.evaluations_at_device(kind) // gpus))
 
     # ---- the run --------------------------------------------------------------------------
 
@@ -67,12 +69,15 @@ class Optimizer:
     def search_task(self, task: Task, index: int) -> TaskOutcome:
         """The task's search, with a session per device: its reference checker and timing, and
         candidate processes started ahead of need, serve every evaluation of the task there.
-        A session keeps as many spares as evaluations run at once on its device: a candidate
-        that builds nothing then finds its processes started, and the device does not wait on
-        interpreters starting."""
+        A session keeps as many spares as evaluations hold processes at once on its device: a
+        candidate then finds its processes started, and the device does not wait on interpreters
+        starting."""
         self.sessions = {device: TaskSession(task.path, self.policy.model_copy(update={"device": device}),
-                                             standby=self.evaluations_per_gpu).start()
+                                             standby=self.processes_per_gpu).start()
                          for device in self.setup.devices}
+        first = self.sessions[self.setup.devices[0]]  # the sessions share one cache of headers
+        if first.headers is not None and first.device.kind == "cuda" and self.config.candidate_format == "load_inline":
+            first.headers.want_prompt_format()
         try:
             return self.search_loop(task, index)
         finally:

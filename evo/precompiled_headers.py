@@ -21,6 +21,7 @@ from evo.sandbox import precompiled
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 
 KEY = re.compile(r"[0-9a-f]{24}")
+PROMPT_FORMAT_SPEC = precompiled.spec(True, [])
 
 
 class PrecompiledHeaders:
@@ -51,6 +52,12 @@ class PrecompiledHeaders:
             if self.queue and (self.thread is None or not self.thread.is_alive()) and not self.closing.is_set():
                 self.thread = threading.Thread(target=self.work, name="evo-header-precompiler", daemon=True)
                 self.thread.start()
+
+    def want_prompt_format(self) -> None:
+        """Make the header of the prompts' load_inline format for CUDA (prompts/parts/
+        format_load_inline.md: no C++ flags of its own) before any build asks for it: a search's
+        first candidates, written by the LLM meanwhile, then build with it."""
+        self.want([PROMPT_FORMAT_SPEC])
 
     def work(self) -> None:
         while not self.closing.is_set():

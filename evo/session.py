@@ -136,6 +136,9 @@ class TaskSession:
         self.limits = devices.limits(policy, self.device)
         self.cache_dir = cache_dir or devices.cache_dir()
         self.standby = standby  # candidate processes of each kind kept started ahead of need
+        # As many evaluations as there are spares hold candidate processes at once; the others
+        # build or wait (more processes starting and ending beside the timed one slow every turn).
+        self.process_slots = threading.BoundedSemaphore(standby) if standby else None
         self.workdir = Path(tempfile.mkdtemp(prefix="evo-session-"))
         self.lock = threading.Lock()
         self.checker: SandboxProcess | None = None

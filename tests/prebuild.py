@@ -39,7 +39,7 @@ def build(candidate: Path, cache: Path, device: str) -> str:
 def main() -> None:
     cache = Path(os.environ["EVO_TEST_CACHE_DIR"])
     device = os.environ.get("EVO_PREBUILD_DEVICE", "cuda")
-    with ThreadPoolExecutor(devices.parallel_builds()) as pool:
+    with ThreadPoolExecutor(devices.parallel_builds(device)) as pool:
         for line in pool.map(lambda path: build(Path(path), cache, device), sys.argv[1:]):
             print(line, flush=True)
 

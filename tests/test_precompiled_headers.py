@@ -4,6 +4,7 @@ candidate's file into them, and changing nothing in what a build makes."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import EXAMPLE_TASKS, ROOT
 from evo.config import VerifyPolicy
 from evo.evaluator import verify
+from evo.precompiled_headers import PROMPT_FORMAT_SPEC
 from evo.sandbox import precompiled
 from evo.session import TaskSession
 
@@ -26,6 +28,19 @@ pytestmark = pytest.mark.timeout(900)
                                    ["-fopenmp", "-march=native", "-fno-strict-aliasing"]])
 def test_flags_that_change_only_code_generation_get_a_header(flags):
     assert precompiled.spec(True, flags) == {"with_cuda": True, "extra_cflags": list(flags or [])}
+
+
+def test_the_header_a_cuda_search_makes_ahead_is_the_one_its_prompts_builds_use():
+    """evo optimize makes PROMPT_FORMAT_SPEC's header before the first build: the skeleton the
+    prompts give for load_inline must build with exactly those flags, or it was made for nothing."""
+    guide = (ROOT / "prompts" / "parts" / "format_load_inline.md").read_text()
+    skeleton = ast.parse(guide.split("```python\n", 1)[1].split("```", 1)[0])
+    call = next(node for node in ast.walk(skeleton)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_inline")
+    arguments = {keyword.arg: keyword.value for keyword in call.keywords}
+    with_cuda = ast.literal_eval(arguments["with_cuda"]) if "with_cuda" in arguments else "cuda_sources" in arguments
+    extra_cflags = ast.literal_eval(arguments["extra_cflags"]) if "extra_cflags" in arguments else None
+    assert precompiled.spec(with_cuda, extra_cflags) == PROMPT_FORMAT_SPEC
 
 
 @pytest.mark.parametrize("flags", [["-include", "/tmp/mine.h"], ["-I/tmp"], ["-isystem", "/tmp"], ["@flags.txt"],

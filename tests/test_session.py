@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -146,6 +147,34 @@ def test_the_next_candidate_loads_while_the_last_ends_and_is_checked_only_once_i
     assert events[("load", 1)] < events[("ended", 0)], "the second candidate waited for the first's processes to load"
     assert events[("trials", 1)] > events[("ended", 0)], "the second candidate's trials began before the first's " \
                                                          "processes had ended"
+
+
+def test_no_more_evaluations_hold_candidate_processes_at_once_than_the_session_keeps_spares_for(cache_dir, monkeypatch):
+    """Evaluations build as many at once as they are, but take their processes only while fewer
+    than `standby` hold some: on a device, more processes starting and ending slow every turn."""
+    holding, most, lock = [0], [0], threading.Lock()
+    spawn, release = Evaluation.spawn_processes, Evaluation.release_processes
+
+    def spawning(evaluation):
+        with lock:
+            holding[0] += 1
+            most[0] = max(most[0], holding[0])
+        evaluation.counted = True
+        spawn(evaluation)
+
+    def releasing(evaluation):
+        release(evaluation)
+        if getattr(evaluation, "counted", False):
+            evaluation.counted = False
+            with lock:
+                holding[0] -= 1
+
+    monkeypatch.setattr(Evaluation, "spawn_processes", spawning)
+    monkeypatch.setattr(Evaluation, "release_processes", releasing)
+    with TaskSession(RELU, POLICY, cache_dir, standby=1) as session, ThreadPoolExecutor(3) as pool:
+        verdicts = list(pool.map(lambda _: Evaluation(RELU, HONEST, POLICY, session=session).run(), range(3)))
+    assert [verdict.verdict for verdict in verdicts] == ["verified"] * 3, [verdict.summary for verdict in verdicts]
+    assert most[0] == 1, f"{most[0]} evaluations held candidate processes at once with one spare kept"
 
 
 def process_group(pid: int) -> int:
