@@ -250,8 +250,7 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | 
         phases.runs.clear()
     started, cpu_before = time.perf_counter(), cpu_seconds()
     with TaskSession(TASK, policy, cache, standby=holding_processes) as session, ThreadPoolExecutor(workers) as pool:
-        if fmt == "load_inline" and session.headers is not None:
-            session.headers.want_prompt_format()  # as evo optimize does for this format
+        session.expect_format(fmt)  # as evo optimize does
         results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
     wall = time.perf_counter() - started
     problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results)

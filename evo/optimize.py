@@ -75,9 +75,8 @@ class Optimizer:
         self.sessions = {device: TaskSession(task.path, self.policy.model_copy(update={"device": device}),
                                              standby=self.processes_per_gpu).start()
                          for device in self.setup.devices}
-        first = self.sessions[self.setup.devices[0]]  # the sessions share one cache of headers
-        if first.headers is not None and first.device.kind == "cuda" and self.config.candidate_format == "load_inline":
-            first.headers.want_prompt_format()
+        # The sessions share one cache of precompiled headers: the first makes what they need.
+        self.sessions[self.setup.devices[0]].expect_format(self.config.candidate_format)
         try:
             return self.search_loop(task, index)
         finally:

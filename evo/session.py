@@ -277,6 +277,12 @@ class TaskSession:
         process.close()
         shutil.rmtree(process.workdir, ignore_errors=True)
 
+    def expect_format(self, candidate_format: str) -> None:
+        """A search whose prompts ask for this format: on a GPU with load_inline, have the torch
+        header its builds use made now, while the first candidates are written."""
+        if self.headers is not None and self.device.kind == "cuda" and candidate_format == "load_inline":
+            self.headers.want_prompt_format()
+
     # ---- what the trusted processes know --------------------------------------------------
 
     def reserve_window(self, process: SandboxProcess, timeout: float) -> None:
