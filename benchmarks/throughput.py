@@ -19,8 +19,9 @@ candidate, the CPU seconds spent per candidate (every process of the run), the G
 fraction (time a candidate's device work held the GPU, over the wall time), and whether both
 ways gave the same verdicts on the candidates both evaluated.
 With --phases, also the median seconds of each step of evo's evaluations and of its waits for
-each sandbox's replies; with --fresh-too, evo's way again with a fresh interpreter per process
-instead of the fork server.
+each sandbox's replies, how long the device was outside turns (before the first, between turns,
+after the last), and the steps of the first evaluation and of the session's start; with
+--fresh-too, evo's way again with a fresh interpreter per process instead of the fork server.
 Targets (issue 6): >= 30x the baseline for NVRTC candidates, >= 15x for load_inline.
 """
 
@@ -144,11 +145,16 @@ class PhaseClock:
     def __init__(self):
         self.current = threading.local()
         self.runs: list[dict[str, float]] = []
+        self.turns: list[tuple[float, float]] = []  # (start, end) of each on_device, time.perf_counter
+        self.outside: dict[str, float] = defaultdict(float)  # the session's start, outside any evaluation
+        self.first: dict[str, float] = {}  # the steps of the evaluation whose turn came first
         for name in PHASES:
             setattr(Evaluation, name, self.timed(getattr(Evaluation, name), name))
         evaluator.warm_up = self.timed(evaluator.warm_up, WARM_UP)
         devices.await_teardowns = self.timed(devices.await_teardowns, TEARDOWNS)
         self.wait_for_replies()
+        self.record_turns()
+        self.time_session_start()
         run = Evaluation.run
 
         def counted_run(evaluation):
@@ -173,10 +179,44 @@ class PhaseClock:
             try:
                 return receive(process, *args, **kwargs)
             finally:
-                spent = getattr(clock.current, "spent", None)
-                if spent is not None:
-                    spent[f"{process.label}:{getattr(process, 'benchmark_op', None)}"] += time.perf_counter() - started
+                spent = getattr(clock.current, "spent", clock.outside)  # outside: the task loader's thread
+                spent[f"{process.label}:{getattr(process, 'benchmark_op', None)}"] += time.perf_counter() - started
         SandboxProcess.send, SandboxProcess.receive = sending, receiving
+
+    def record_turns(self) -> None:
+        on_device, turns, clock = Evaluation.on_device, self.turns, self
+
+        def recorded(evaluation):
+            started = time.perf_counter()
+            if not turns:
+                clock.first = dict(clock.current.spent)  # its steps before the turn
+            try:
+                return on_device(evaluation)
+            finally:
+                turns.append((started, time.perf_counter()))
+        Evaluation.on_device = recorded
+
+    def time_session_start(self) -> None:
+        start, outside = TaskSession.start, self.outside
+
+        def timed_start(session):
+            started = time.perf_counter()
+            try:
+                return start(session)
+            finally:
+                outside["session start (spares forked)"] += time.perf_counter() - started
+        TaskSession.start = timed_start
+
+    def between_turns(self, started: float, ended: float) -> dict[str, float]:
+        """Where the device was not in a turn: before the first (the session's start), between
+        turns (the device changing hands), and after the last."""
+        turns = sorted(self.turns)
+        gaps = [later[0] - earlier[1] for earlier, later in zip(turns, turns[1:])]
+        return {"before_first_s": round(turns[0][0] - started, 2), "gaps_s": round(sum(gaps), 2),
+                "gap_s_median": round(statistics.median(gaps), 4) if gaps else 0.0,
+                "after_last_s": round(ended - turns[-1][1], 2),
+                "first_evaluation_s": {name: round(seconds, 3) for name, seconds in self.first.items()},
+                "session_start_s": {name: round(seconds, 3) for name, seconds in self.outside.items()}}
 
     def timed(self, function, name):
         def wrapper(*args, **kwargs):
@@ -248,11 +288,14 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | 
     workers, holding_processes = devices.parallel_builds("cuda"), devices.evaluations_at_device("cuda")
     if phases:
         phases.runs.clear()
+        phases.turns.clear()
+        phases.outside.clear()
     started, cpu_before = time.perf_counter(), cpu_seconds()
     with TaskSession(TASK, policy, cache, standby=holding_processes) as session, ThreadPoolExecutor(workers) as pool:
         session.expect_format(fmt)  # as evo optimize does
         results = list(pool.map(lambda path: verify(TASK, path, policy, cache, session), candidates))
-    wall = time.perf_counter() - started
+    ended = time.perf_counter()
+    wall = ended - started
     problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results)
                 if v.verdict != expected_verdict(index_of(path.name))]
     way = f"evo, {fmt}" + ("" if fork_server else ", fresh interpreters")
@@ -266,7 +309,8 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | 
             "cpu_s_per_candidate": (cpu_seconds() - cpu_before) / len(candidates),
             "timed_twice": sum(any("timed again" in warning for warning in v.warnings) for v in results),
             "verdicts": {path.name: v.verdict for path, v in zip(candidates, results)}, "unexpected": problems[:5],
-            **({"phase_s_median": phases.medians()} if phases else {})}
+            **({"phase_s_median": phases.medians(), "outside_turns": phases.between_turns(started, ended)}
+               if phases and phases.turns else {})}
 
 
 def main() -> None:

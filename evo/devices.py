@@ -197,11 +197,18 @@ def parallel_builds(device_kind: str) -> int:
     return max(1, min(usable, memory // BUILD_MEMORY_BYTES))
 
 
-def evaluations_at_device(device_kind: str) -> int:
-    """How many evaluations hold candidate processes at once on this machine (the others build or
-    wait): enough to keep a device busy. More only add processes starting and ending beside the
-    timed one: NVRTC turns on the H200 took 0.80 s with 8 and 1.14 s with 14."""
-    return max(2, min(parallel_builds(device_kind), len(os.sched_getaffinity(0)) // 2))
+# Evaluations holding candidate processes at once on one device: enough to keep it busy. More
+# only add processes starting and ending beside the timed one, which slows every turn: NVRTC
+# turns on the H200 took 0.62 s with 4, 0.66 s with 6, 0.75 s with 8 and 1.14 s with 14, and
+# with 4 the device waited between turns for under 10 ms.
+EVALUATIONS_AT_DEVICE = 4
+
+
+def evaluations_at_device(device_kind: str, devices_in_use: int = 1) -> int:
+    """How many evaluations hold candidate processes at once on each device (the others build
+    or wait), where `devices_in_use` devices share this machine's cores."""
+    per_device = min(parallel_builds(device_kind), len(os.sched_getaffinity(0)) // 2) // devices_in_use
+    return max(2, min(EVALUATIONS_AT_DEVICE, per_device))
 
 
 def cache_dir() -> Path:

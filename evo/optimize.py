@@ -49,7 +49,7 @@ class Optimizer:
         kind, gpus = setup.devices[0].partition(":")[0], len(setup.devices)
         self.evaluations_per_gpu = self.config.evaluations_per_gpu or max(2, devices.parallel_builds(kind) // gpus)
         # Of those, how many hold candidate processes at once (the rest build or wait for a slot).
-        self.processes_per_gpu = min(self.evaluations_per_gpu, max(2, devices.evaluations_at_device(kind) // gpus))
+        self.processes_per_gpu = min(self.evaluations_per_gpu, devices.evaluations_at_device(kind, gpus))
 
     # ---- the run --------------------------------------------------------------------------
 

@@ -74,3 +74,24 @@ def test_a_new_evaluation_goes_to_the_gpu_with_the_fewest_in_flight():
     load.done("cuda:1"), load.done("cuda:1")  # GPU 1 finished its two while GPU 0 is still busy
     assert [load.take() for _ in range(3)] == ["cuda:1", "cuda:1", "cuda:0"]
     assert load.counts == {"cuda:0": 3, "cuda:1": 2}
+
+
+def test_a_few_evaluations_hold_processes_on_each_device_and_gpus_sharing_a_machine_split_its_cores(monkeypatch):
+    """Enough to keep a device busy and no more (each one's processes start and end beside the
+    timed one); on a small machine or one shared by several GPUs, what its cores allow."""
+    def machine(cores: int, builds: int) -> None:
+        monkeypatch.setattr(devices.os, "sched_getaffinity", lambda _pid: set(range(cores)))
+        monkeypatch.setattr(devices, "parallel_builds", lambda _kind: builds)
+
+    machine(16, 14)  # the H200 machine
+    assert devices.evaluations_at_device("cuda") == devices.EVALUATIONS_AT_DEVICE == 4
+    machine(128, 126)
+    assert devices.evaluations_at_device("cuda") == 4
+    assert devices.evaluations_at_device("cuda", devices_in_use=8) == 4
+    machine(16, 14)
+    assert devices.evaluations_at_device("cuda", devices_in_use=2) == 4
+    assert devices.evaluations_at_device("cuda", devices_in_use=4) == 2
+    machine(6, 6)
+    assert devices.evaluations_at_device("cuda") == 3
+    machine(2, 2)  # the CI machine: never fewer than two, so that one loads while another is timed
+    assert devices.evaluations_at_device("cpu") == 2
