@@ -101,7 +101,7 @@ class Evaluation:
             with devices.exclusive(self.device, defer_teardowns=True) as waited, \
                     cores.timing(self.device.kind, self.device_phase_groups()):
                 self.timings.queued_s += waited
-                held = time.monotonic()
+                held, self.timings.device_at = time.monotonic(), time.time()
                 try:
                     self.on_device()
                 finally:  # none of the candidate's code runs on the host once another holds the device

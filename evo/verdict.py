@@ -34,6 +34,7 @@ class Timings(BaseModel):
     timing_s: float = 0.0  # reference and candidate timing
     queued_s: float = 0.0  # waiting for another evaluation to finish with the device
     device_s: float = 0.0  # holding the device (no other evaluation used it meanwhile)
+    device_at: float | None = None  # when it took the device, seconds since the epoch (turns on one device never overlap)
     total_s: float = 0.0
 
 

@@ -177,6 +177,21 @@ def test_no_more_evaluations_hold_candidate_processes_at_once_than_the_session_k
     assert most[0] == 1, f"{most[0]} evaluations held candidate processes at once with one spare kept"
 
 
+def test_evaluations_on_one_device_say_when_they_held_it_and_their_turns_never_overlap(cache_dir):
+    """What a verdict reports of its turn (device_at, device_s) lets anyone check, from the verdicts
+    alone, that no two candidates were on one device at once."""
+    with TaskSession(RELU, POLICY, cache_dir, standby=2) as session, ThreadPoolExecutor(3) as pool:
+        before = time.time()
+        verdicts = list(pool.map(lambda _: Evaluation(RELU, HONEST, POLICY, session=session).run(), range(3)))
+        after = time.time()
+    assert [verdict.verdict for verdict in verdicts] == ["verified"] * 3, [verdict.summary for verdict in verdicts]
+    turns = sorted((verdict.timings.device_at, verdict.timings.device_at + verdict.timings.device_s)
+                   for verdict in verdicts)
+    assert before < turns[0][0] and turns[-1][1] < after
+    assert all(verdict.timings.device_s > 0 for verdict in verdicts)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(turns, turns[1:])), turns
+
+
 def process_group(pid: int) -> int:
     """The process group of a process that has not exited (-1 for one that has: a zombie runs
     nothing and holds no memory or device context)."""
