@@ -1,7 +1,7 @@
 """Candidates evaluated per hour: a KernelBench-style harness against evo, measured in one run.
 
     python benchmarks/throughput.py [--candidates 16] [--baseline 4] [--formats load_inline,nvrtc]
-                                    [--phases] [--fresh-too]
+                                    [--phases] [--holding 4,6,8] [--fresh-too]
 
 The candidates are variants of one ReLU kernel on examples/tasks/relu.py (block sizes differ,
 every source is unique, so nothing is served from a cache); every fifth is wrong on purpose.
@@ -215,6 +215,9 @@ class PhaseClock:
         return {"before_first_s": round(turns[0][0] - started, 2), "gaps_s": round(sum(gaps), 2),
                 "gap_s_median": round(statistics.median(gaps), 4) if gaps else 0.0,
                 "after_last_s": round(ended - turns[-1][1], 2),
+                # turns begun per hour, from the first turn's start to the last's: the session's start left out
+                "per_hour_over_turns": round((len(turns) - 1) / (turns[-1][0] - turns[0][0]) * 3600)
+                if len(turns) > 1 else None,
                 "first_evaluation_s": {name: round(seconds, 3) for name, seconds in self.first.items()},
                 "session_start_s": {name: round(seconds, 3) for name, seconds in self.outside.items()}}
 
@@ -281,11 +284,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | None, fork_server: bool = True) -> dict:
+def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | None, fork_server: bool = True,
+            holding: int | None = None) -> dict:
     """As `evo optimize` runs a task on one GPU: as many evaluations at once as the machine
-    builds in parallel, of which evaluations_at_device hold processes, with as many spares."""
+    builds in parallel, of which `holding` (else evaluations_at_device) hold processes, with as
+    many spares."""
     policy = VerifyPolicy(device="cuda", fork_server=fork_server)
-    workers, holding_processes = devices.parallel_builds("cuda"), devices.evaluations_at_device("cuda")
+    workers, holding_processes = devices.parallel_builds("cuda"), holding or devices.evaluations_at_device("cuda")
     if phases:
         phases.runs.clear()
         phases.turns.clear()
@@ -298,7 +303,7 @@ def run_evo(candidates: list[Path], fmt: str, cache: Path, phases: PhaseClock | 
     wall = ended - started
     problems = [f"{path.name}: {v.summary}" for path, v in zip(candidates, results)
                 if v.verdict != expected_verdict(index_of(path.name))]
-    way = f"evo, {fmt}" + ("" if fork_server else ", fresh interpreters")
+    way = f"evo, {fmt}" + ("" if fork_server else ", fresh interpreters") + (f", {holding} holding" if holding else "")
     return {"way": way, "candidates": len(candidates), "wall_s": wall,
             "per_hour": len(candidates) / wall * 3600,
             "build_s_median": statistics.median(v.timings.build_s for v in results),
@@ -320,6 +325,9 @@ def main() -> None:
     parser.add_argument("--formats", default="load_inline,nvrtc")
     parser.add_argument("--phases", action="store_true", help="also print the median seconds of each step of evo's "
                                                                "evaluations")
+    parser.add_argument("--holding", default=None, help="evaluations holding candidate processes at once, one run "
+                                                         "of evo's way for each of a comma-separated list (default: "
+                                                         "devices.evaluations_at_device)")
     parser.add_argument("--fresh-too", action="store_true", help="also run evo's way with a fresh interpreter per "
                                                                   "process instead of the fork server")
     args = parser.parse_args()
@@ -333,9 +341,11 @@ def main() -> None:
             write_candidates(scratch, "load_inline", args.baseline, salt)
         rows.append(run_baseline(baseline_set))
         print(json.dumps(rows[-1]), flush=True)
+        holdings = [int(number) for number in args.holding.split(",")] if args.holding else [None]
         for fmt, candidates in sets.items():
-            rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}", phases))
-            print(json.dumps(rows[-1]), flush=True)
+            for holding in holdings:
+                rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}-{holding}", phases, holding=holding))
+                print(json.dumps(rows[-1]), flush=True)
             if args.fresh_too:
                 rows.append(run_evo(candidates, fmt, scratch / f"cache-{fmt}-fresh", phases, fork_server=False))
                 print(json.dumps(rows[-1]), flush=True)
