@@ -8,8 +8,8 @@ purpose) and, early in each task's share, one candidate whose kernel stores thro
 pointer (tests/candidates/cuda/illegal_address.py), which corrupts its process's CUDA context.
 They run twice, back to back, each into a fresh archive: `evo optimize --device cuda:0`, then
 `evo optimize` on every visible GPU. From each run's archive it prints:
-  * candidates evaluated per hour, over the run's wall time and over its device turns alone
-    (from the first turn's start to the last one's end: the sessions' start-up left out);
+  * candidates evaluated per hour, over the run's wall time, and turns begun per hour from the
+    first turn's start to the last's (the sessions' start-up left out);
   * each GPU's busy fraction (the time candidates held it, over the wall time);
   * whether every candidate saw exactly one GPU, and whether two turns on one GPU overlapped
     (each verdict says when it took its device and for how long);
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import TASK, write_candidates  # noqa: E402
+from throughput import TASK, per_hour_over_turns, write_candidates  # noqa: E402
 
 CORRUPTING = ROOT / "tests" / "candidates" / "cuda" / "illegal_address.py"
 CORRUPTING_MARK = "wild_store_kernel"  # a name only the corrupting candidate's source holds
@@ -92,24 +92,20 @@ def evaluations(archive: Path) -> list[dict]:
 
 
 def describe(name: str, found: list[dict], wall: float) -> dict:
-    turns = sorted(item["turn"] for item in found if item["turn"])
     by_gpu: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for item in found:
-        if item["turn"]:
-            by_gpu[str(item["gpu"])].append(item["turn"])
+    for item in sorted((item for item in found if item["turn"]), key=lambda item: item["turn"]):
+        by_gpu[str(item["gpu"])].append(item["turn"])
     overlaps = sum(earlier[1] > later[0] for gpu_turns in by_gpu.values()
-                   for earlier, later in zip(sorted(gpu_turns), sorted(gpu_turns)[1:]))
-    span = turns[-1][1] - turns[0][0] if turns else 0.0
+                   for earlier, later in zip(gpu_turns, gpu_turns[1:]))
     return {"run": name, "evaluated": len(found), "wall_s": round(wall, 1),
             "per_hour": round(len(found) / wall * 3600),
-            "per_hour_over_turns": round(len(turns) / span * 3600) if span else None,
+            "per_hour_over_turns": per_hour_over_turns([item["turn"] for item in found if item["turn"]]),
             "gpu_busy": {gpu: round(sum(end - start for start, end in gpu_turns) / wall, 3)
                          for gpu, gpu_turns in sorted(by_gpu.items())},
             "one_gpu_each": all(item["gpu"] and "," not in str(item["gpu"]) for item in found),
             "overlapping_turns": overlaps,
             "corrupting": [around(item, found) for item in found if item["corrupting"]],
-            "verdicts": {verdict: sum(item["verdict"] == verdict for item in found)
-                         for verdict in ("verified", "rejected", "error")}}
+            "verdicts": tally(item["verdict"] for item in found)}
 
 
 def around(corrupting: dict, found: list[dict]) -> dict:
@@ -117,12 +113,17 @@ def around(corrupting: dict, found: list[dict]) -> dict:
     GPU gave the candidates timed after it."""
     start, end = corrupting["turn"] or (float("inf"), float("inf"))
     others = [item for item in found if item["turn"] and item["gpu"] != corrupting["gpu"]]
-    after = [item["verdict"] for item in sorted(found, key=lambda item: item["turn"] or (0, 0))
+    after = [item["verdict"] for item in found
              if item["turn"] and item["gpu"] == corrupting["gpu"] and item["turn"][0] >= end]
     return {"gpu": corrupting["gpu"], "verdict": corrupting["verdict"], "summary": (corrupting["summary"] or "")[:160],
             "other_gpus_turns_begun_meanwhile": sum(start <= item["turn"][0] <= end for item in others),
             "other_gpus_turns_after": sum(item["turn"][0] > end for item in others),
-            "own_gpu_after": {verdict: after.count(verdict) for verdict in ("verified", "rejected", "error")}}
+            "own_gpu_after": tally(after)}
+
+
+def tally(verdicts) -> dict[str, int]:
+    counted = list(verdicts)
+    return {verdict: counted.count(verdict) for verdict in ("verified", "rejected", "error")}
 
 
 def same_verdicts(first: list[dict], second: list[dict]) -> tuple[int, list[str]]:

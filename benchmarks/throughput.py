@@ -154,7 +154,7 @@ class PhaseClock:
         devices.await_teardowns = self.timed(devices.await_teardowns, TEARDOWNS)
         self.wait_for_replies()
         self.record_turns()
-        self.time_session_start()
+        TaskSession.start = self.timed(TaskSession.start, "session start (spares forked)")
         run = Evaluation.run
 
         def counted_run(evaluation):
@@ -196,17 +196,6 @@ class PhaseClock:
                 turns.append((started, time.perf_counter()))
         Evaluation.on_device = recorded
 
-    def time_session_start(self) -> None:
-        start, outside = TaskSession.start, self.outside
-
-        def timed_start(session):
-            started = time.perf_counter()
-            try:
-                return start(session)
-            finally:
-                outside["session start (spares forked)"] += time.perf_counter() - started
-        TaskSession.start = timed_start
-
     def between_turns(self, started: float, ended: float) -> dict[str, float]:
         """Where the device was not in a turn: before the first (the session's start), between
         turns (the device changing hands), and after the last."""
@@ -215,9 +204,7 @@ class PhaseClock:
         return {"before_first_s": round(turns[0][0] - started, 2), "gaps_s": round(sum(gaps), 2),
                 "gap_s_median": round(statistics.median(gaps), 4) if gaps else 0.0,
                 "after_last_s": round(ended - turns[-1][1], 2),
-                # turns begun per hour, from the first turn's start to the last's: the session's start left out
-                "per_hour_over_turns": round((len(turns) - 1) / (turns[-1][0] - turns[0][0]) * 3600)
-                if len(turns) > 1 else None,
+                "per_hour_over_turns": per_hour_over_turns(turns),
                 "first_evaluation_s": {name: round(seconds, 3) for name, seconds in self.first.items()},
                 "session_start_s": {name: round(seconds, 3) for name, seconds in self.outside.items()}}
 
@@ -227,15 +214,20 @@ class PhaseClock:
             try:
                 return function(*args, **kwargs)
             finally:
-                spent = getattr(self.current, "spent", None)  # None on the task loader's thread
-                if spent is not None:
-                    spent[name] += time.perf_counter() - started
+                spent = getattr(self.current, "spent", self.outside)  # outside: the session's start, the task loader
+                spent[name] += time.perf_counter() - started
         return wrapper
 
     def medians(self) -> dict[str, float]:
         waits = sorted({name for run in self.runs for name in run if ":" in name})
         names = [name for name in (*PHASES, WARM_UP, TEARDOWNS, *waits) if any(name in run for run in self.runs)]
         return {name: round(statistics.median(run.get(name, 0.0) for run in self.runs), 4) for name in names}
+
+
+def per_hour_over_turns(turns: list[tuple[float, float]]) -> int | None:
+    """Turns begun per hour, from the first turn's start to the last's: a session's start left out."""
+    starts = sorted(start for start, _ in turns)
+    return round((len(starts) - 1) / (starts[-1] - starts[0]) * 3600) if len(starts) > 1 else None
 
 
 def write_candidates(directory: Path, fmt: str, count: int, salt: str) -> list[Path]:
