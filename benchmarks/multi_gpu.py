@@ -151,8 +151,8 @@ def main() -> None:
         config = scratch / "evo.toml"
         config.write_text(CONFIG)
         found = {}
-        for name, device in (("one GPU", "cuda:0"), (f"{len(gpus)} GPUs", None)):
-            archive = scratch / f"{name.replace(' ', '_')}.sqlite"
+        for name, device in (("one GPU", "cuda:0"), (f"every GPU ({len(gpus)})", None)):
+            archive = scratch / ("one_gpu.sqlite" if device else "every_gpu.sqlite")
             wall = run_optimize(tasks, replies, archive, config, args.candidates, device)
             found[name] = evaluations(archive)
             rows.append(describe(name, found[name], wall))

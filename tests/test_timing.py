@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from evo.sandbox import harness
@@ -69,3 +70,39 @@ def test_a_window_reservation_is_what_making_the_window_allocates_in_order(monke
     facts = {"inputs": [{"nbytes": tensor.nbytes} for tensor in made[0]],
              "outputs": [{"nbytes": nbytes} for nbytes in output_sizes]}
     assert window_allocations(facts, window) == [tensor.nbytes for inputs in made for tensor in inputs] + poisoned
+
+
+def output_shapes_a_window_may_hold(device: str) -> list[torch.Tensor]:
+    """Whole-word tensors of every element size, and ones that are not: odd byte counts, a
+    transposed view, a view starting mid-word."""
+    base = torch.arange(4099, dtype=torch.int64, device=device)
+    return [base.float().reshape(1, -1) * 1.5, base.double(), base.half()[:4098], base.to(torch.uint8)[:4096],
+            base.bool()[:4096], base.half()[:4097], base.to(torch.uint8)[:4099], base.float()[:4096].reshape(64, 64).t(),
+            base.half()[1:4097], base.float()[0:0], torch.tensor(3.25, device=device)]
+
+
+def test_tensors_in_whole_words_are_read_as_their_own_bytes():
+    """The checksum's in-place reading of a tensor as 32-bit words must be its bytes, exactly, and
+    must refuse what is not a contiguous run of aligned whole words (the byte path takes those)."""
+    for tensor in output_shapes_a_window_may_hold("cpu"):
+        words = harness._as_words(tensor)
+        raw = tensor.contiguous().numpy().tobytes() if tensor.numel() else b""
+        if not tensor.is_contiguous() or len(raw) % 4 or tensor.storage_offset() * tensor.element_size() % 4:
+            assert words is None, (tensor.dtype, tensor.shape)
+        else:
+            assert words is not None and words.numpy().tobytes() == raw, (tensor.dtype, tensor.shape)
+
+
+@pytest.mark.gpu
+def test_a_checksum_on_the_gpu_is_the_checksum_of_the_same_bytes_on_the_host():
+    """The candidate sums its outputs where they live and the checker sums what it received, by
+    different paths for some layouts: the two must agree on the same bytes and differ on one
+    changed word."""
+    on_gpu = output_shapes_a_window_may_hold("cuda")
+    on_host = [tensor.cpu() for tensor in on_gpu]
+    assert harness.checksum(on_gpu) == harness.checksum(on_host)
+    for index in range(len(on_gpu)):
+        assert harness.checksum([on_gpu[index]]) == harness.checksum([on_host[index]]), on_gpu[index].dtype
+    changed = [tensor.clone() for tensor in on_gpu]
+    changed[0][0, 17] += 1
+    assert harness.checksum(changed) != harness.checksum(on_gpu)
