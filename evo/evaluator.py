@@ -16,8 +16,8 @@ from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, 
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
-from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, time_candidate,
-                        timer_consistency, warm_up)
+from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, host_pace_warning,
+                        time_candidate, timer_consistency, warm_up)
 from evo.verdict import Timings, Verdict
 
 
@@ -125,6 +125,7 @@ class Evaluation:
         self.correctness()
         self.time_candidate()
         self.which_kernels()
+        self.note_host_pace()
 
     def device_phase_groups(self) -> list[int]:
         """The process groups of the processes the device phase waits on: those timed or on the
@@ -380,6 +381,11 @@ class Evaluation:
     def which_kernels(self) -> None:
         self.kernels = judgement.classify_kernels(self.profiled, self.extension_calls)
         self.judgement.custom_code(self.kernels, self.policy.require_custom_code, self.device.kind == "cuda")
+
+    def note_host_pace(self) -> None:
+        if self.device.kind == "cuda":  # a CPU's profile has no device time to compare
+            warning = host_pace_warning(self.timings.candidate.median_ms, self.kernels)
+            self.warnings.extend([warning] if warning else [])
 
     # ---- the verdict ------------------------------------------------------------------------
 

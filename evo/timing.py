@@ -45,6 +45,9 @@ WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up 
 # Making a window's inputs may take the candidate's process this much longer than the reference's.
 PREPARE_FACTOR = 2.0
 PREPARE_SLACK_MS = 1.0
+# A call whose kernels keep the device busy for less than this share of it is paced by the host
+# launching them, and a host's pace moves between verifications far more than a device's.
+HOST_PACED_SHARE = 0.5
 
 
 class SubjectError(Exception):
@@ -253,3 +256,15 @@ def input_preparation(reference: Calibration, candidate: Samples) -> Check:
             f"(allowed {allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer"))
     return Check(name="input_preparation", passed=True, detail=(
         f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms"))
+
+
+def host_pace_warning(median_ms: float, kernels: dict) -> str | None:
+    """A warning when the candidate's timed calls were mostly its host launching kernels, from
+    the kernels' device time in its one profiled call (`judgement.classify_kernels`)."""
+    device_us = sum(kernels["own_kernels_us"].values()) + sum(kernels["library_kernels_us"].values())
+    median_us = median_ms * 1e3
+    if device_us >= HOST_PACED_SHARE * median_us:
+        return None
+    return (f"the candidate's kernels kept the GPU busy for {device_us:.1f} µs of its {median_us:.1f} µs per call: "
+            "the rest is the host launching them, whose pace moves between verifications far more than the GPU's, "
+            "and this speedup with it; compare the medians of several verifications, or time a larger size")

@@ -110,6 +110,20 @@ def test_honest_candidate_is_verified(run_verify, candidate, task, policy):
         f"the candidate's own kernel was not seen: {kernels}"
 
 
+@pytest.mark.gpu
+def test_a_launch_bound_speedup_is_flagged_and_a_device_bound_one_is_not(run_verify):
+    """The softmax's kernel runs a few µs of a call launched from Python; the 2048³ product's
+    kernel is nearly all of its call."""
+    def host_paced(verdict: Verdict) -> list[str]:
+        return [warning for warning in verdict.warnings if "the host launching them" in warning]
+
+    softmax = verdict_of(run_verify, SOFTMAX, "honest_softmax.py")
+    matmul = verdict_of(run_verify, MATMUL, "honest_matmul_tiled.py", **MATMUL_POLICY)
+    assert softmax.verdict == matmul.verdict == "verified", explain(softmax) + explain(matmul)
+    assert len(host_paced(softmax)) == 1, softmax.warnings
+    assert not host_paced(matmul), matmul.warnings
+
+
 # ---- cheats, each rejected by the check meant for it --------------------------------------------
 
 # (candidate, task, checks meant to catch it (any one of them), checks that must pass, policy)

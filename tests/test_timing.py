@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from evo.sandbox import harness
-from evo.timing import Samples, calibration, input_preparation, timer_consistency, window_allocations
+from evo.timing import (Samples, calibration, host_pace_warning, input_preparation, timer_consistency,
+                        window_allocations)
 
 CALLS = 8
 
@@ -53,6 +54,19 @@ def test_an_honest_candidate_beside_a_quiet_reference_passes():
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
     assert input_preparation(protocol, honest).passed
+
+
+def test_a_call_mostly_spent_launching_is_flagged_as_host_paced():
+    def kernels(own: list[float], library: list[float]) -> dict:
+        return {"own_kernels_us": {f"k{i}": us for i, us in enumerate(own)},
+                "library_kernels_us": {f"lib{i}": us for i, us in enumerate(library)}}
+
+    flagged = host_pace_warning(0.017, kernels([3.0], [1.5]))
+    assert flagged is not None and "4.5 µs of its 17.0 µs per call" in flagged
+    assert host_pace_warning(0.017, kernels([], [])) is not None  # nothing ran on the GPU at all
+    # the library's kernels count as device time as the candidate's own do
+    assert host_pace_warning(0.017, kernels([4.0], [5.0])) is None
+    assert host_pace_warning(0.880, kernels([879.0], [])) is None
 
 
 def test_a_window_reservation_is_what_making_the_window_allocates_in_order(monkeypatch):
