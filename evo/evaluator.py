@@ -194,7 +194,8 @@ class Evaluation:
         started = time.monotonic()
         self.task_facts, queued = self.session.facts()
         self.timings.queued_s += queued
-        self.timings.correctness_s += time.monotonic() - started - queued
+        # The loader may have queued before this evaluation began to wait for it.
+        self.timings.correctness_s += max(0.0, time.monotonic() - started - queued)
 
     def reserve_memory(self) -> None:
         try:
@@ -282,9 +283,9 @@ class Evaluation:
             where = f"trial {number} of {len(self.trial_seeds)}"
             self.doing = where
             reply = self.run_candidate(seed, {"op": "run", "send_outputs": True, "send_inputs": True,
-                                              "exchange_bytes": self.exchange_bytes}, where)
+                                              "exchange_bytes": self.exchange_bytes, "guard_memory": True}, where)
             details, _ = self.runner.receive(self.policy.call_timeout_s)
-            self.judge_details(details, reply, where)
+            described = self.judge_details(details, reply, where)
             self.extension_calls = max(self.extension_calls, details["extension_calls"])
             verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed,
                                                **exchanged(details, reply, self.exchange_bytes)},
@@ -293,9 +294,10 @@ class Evaluation:
                 self.judgement.reject("runs", f"{where}: the checker could not read the outputs the candidate's "
                                               f"process sent ({verdict['error']})")
             self.judgement.record_all(verdict["checks"], where)
+            self.judgement.memory_bounds(described.memory, where)
         self.timings.correctness_s += time.monotonic() - started
 
-    def judge_details(self, details: dict, reply: dict, where: str) -> None:
+    def judge_details(self, details: dict, reply: dict, where: str) -> CallDescription:
         """What the candidate process said of its outputs and of the global flags after a call."""
         if "error" in details:
             self.judgement.reject("runs", f"{where}: describing the outputs raised {details['error']}")
@@ -307,6 +309,7 @@ class Evaluation:
         self.judgement.structure([item.model_dump() for item in described.structure], reply, self.device.torch_name,
                                  where)
         self.judgement.flags(described.flags_changed, f"in {where}")
+        return described
 
     def prepare_inputs(self, seeds: list[int]) -> None:
         prepared, _ = self.runner.request({"op": "prepare", "seeds": seeds}, timeout=self.policy.call_timeout_s)
@@ -362,7 +365,7 @@ class Evaluation:
         self.profiled_call.await_warm()
 
     def start_profiled_call(self) -> None:
-        self.profiled_call.start(self.load_message(self.profiler), new_seeds(1)[0])
+        self.profiled_call.start(self.load_message(self.profiler), new_seeds(2))
 
     def finish_profiled_call(self) -> None:
         """Collect the profile and kill the process; `end_profiler` waits for it to be gone."""

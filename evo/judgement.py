@@ -17,7 +17,7 @@ SPEED_OF_LIGHT_MARGIN = {"cuda": 1.25, "cpu": 4.0}
 LIBRARY_KERNEL_MARKERS = ("at::", "cublas", "cutlass", "cudnn", "xmma", "nvjet", "sm90_", "sm80_", "ampere_",
                           "volta_", "turing_", "Memcpy", "Memset", "cub::", "thrust::", "triton_poi_", "triton_red_",
                           "triton_per_", "triton_tem_", "gemv", "gemmSN", "splitKreduce", "elementwise_kernel",
-                          "reduce_kernel", "CatArrayBatched", "cunn_", "cudnn_")
+                          "reduce_kernel", "CatArrayBatched", "cunn_", "cudnn_", "aten::")
 
 
 class Rejected(Exception):
@@ -45,6 +45,16 @@ class OutputDescription(BaseModel):
     shares_input_storage: bool = False
 
 
+class MemoryWatch(BaseModel):
+    """What the memory guard saw across one checked call on a GPU (sandbox/memory_guard.py)."""
+
+    watched_bytes: int  # bytes no tensor owned before the call and no allocation of the call covered
+    changed_bytes: int  # of those, the ones that no longer held the guard's fill after it
+    unwatched: str | None = None  # why nothing could be watched
+    first_changed_output: int | None = None  # the output whose end lies nearest below the first change
+    first_changed_past_end: int | None = None  # how far past that end the first change lies, in bytes
+
+
 class CallDescription(BaseModel):
     """What the candidate's process says after each call. It comes from a process running the
     candidate's code, so it is validated before any of it is used."""
@@ -53,6 +63,7 @@ class CallDescription(BaseModel):
     flags_changed: list[str]  # global numeric settings found changed
     extension_calls: int  # calls into the candidate's compiled extensions during the call
     outputs: int  # outputs per call
+    memory: MemoryWatch | None = None  # present for a checked call on a GPU
 
 
 def describe_problem(err: ValidationError) -> str:
@@ -64,6 +75,7 @@ class Judgement:
     def __init__(self) -> None:
         self.by_name: dict[str, Check] = {}
         self.roofline: Roofline | None = None
+        self.watched_bytes = 0  # the most memory the guard watched across one checked call
 
     @property
     def checks(self) -> list[Check]:
@@ -124,6 +136,20 @@ class Judgement:
                         "they are pinned by the evaluator (use --allow-reduced-precision for TF32)")
         self.passed("global_flags", "TF32, matmul precision and cuDNN settings stayed as pinned")
 
+    def memory_bounds(self, watch: MemoryWatch | None, where: str) -> None:
+        if watch is None:
+            return
+        if watch.changed_bytes:
+            place = "" if watch.first_changed_output is None else \
+                f", the first {watch.first_changed_past_end} bytes past the end of output {watch.first_changed_output}"
+            self.reject("memory_bounds", f"{where}: {watch.changed_bytes} bytes of device memory that no tensor owned "
+                        f"were written during the call{place}: a kernel wrote outside the memory it was given")
+        self.watched_bytes = max(self.watched_bytes, watch.watched_bytes)
+        detail = (f"no byte outside the tensors changed during the checked calls ({self.watched_bytes / 1e6:.1f} MB "
+                  "watched around them)" if self.watched_bytes else
+                  f"nothing could be watched: {watch.unwatched or 'the allocator held no free memory before the call'}")
+        self.by_name["memory_bounds"] = Check(name="memory_bounds", passed=True, detail=detail)
+
     # ---- what the parent decides from the timings ----------------------------------------
 
     def timed(self, reference: Calibration, candidate: Samples, timings: Timings, facts: dict, device,
@@ -148,7 +174,9 @@ class Judgement:
         count of extension calls, and could forge it. On a CPU that count is all there is."""
         ran = bool(kernels["own_kernels_us"]) if on_gpu else kernels["extension_calls"] > 0
         share = kernels.get("library_fraction")
-        share_text = f"; {share:.0%} of GPU time in library kernels" if share is not None else ""
+        where = ("of GPU time in library kernels" if on_gpu
+                 else "of the call's time in torch operators outside its extensions")
+        share_text = f"; {share:.0%} {where}" if share is not None else ""
         if ran:
             self.passed("custom_code", f"the candidate's own compiled code ran{share_text}")
         elif required:

@@ -21,7 +21,8 @@ from evo.session import await_started
 class Profile(BaseModel):
     """What the profiler process reports; it ran the candidate's code, so it is validated."""
 
-    kernels_us: dict[str, float]  # device time of each kernel that ran, by name
+    kernels_us: dict[str, float]  # device time of each kernel that ran, by name (on a CPU: the time
+    # in each of the candidate's extension functions, and the rest of the call)
     top_level_aten_us: dict[str, float]  # host time of each top-level torch operator
     extension_calls: int  # calls into the candidate's compiled extensions
 
@@ -36,12 +37,14 @@ class ProfiledCall:
             await_started(self.process, self.load_timeout, "starting the profiler")
             self.warm = True
 
-    def start(self, load_message: dict, seed: int) -> None:
-        """Load the candidate and profile one call on the inputs of a seed used nowhere else (inputs
-        seen before would let a cache answer unprofiled); `finish` collects the replies."""
+    def start(self, load_message: dict, seeds: list[int]) -> None:
+        """Load the candidate and profile one call on the inputs of the last of `seeds`, after a call
+        on each of the others: seeds used nowhere else (inputs seen before would let a cache answer
+        unprofiled); a first call's one-time costs would distort the times. `finish` collects the
+        replies."""
         self.await_warm()
         self.process.send(load_message)
-        self.process.send({"op": "prepare", "seeds": [seed]})
+        self.process.send({"op": "prepare", "seeds": seeds})
         self.process.send({"op": "profile"})
 
     def finish(self, judgement: Judgement) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,10 +23,15 @@ import torch  # noqa: E402
 import exchange  # noqa: E402
 import harness  # noqa: E402
 import hooks  # noqa: E402
+import memory_guard  # noqa: E402
 import wire  # noqa: E402
 
 _tensor_type = torch.Tensor
 _exact_type = type
+_perf_counter = time.perf_counter
+# On a CPU, the profiled call's time outside the candidate's extension functions: torch's operators
+# and Python, the library's share (its name carries the library marker aten::).
+OUTSIDE_EXTENSIONS = "aten:: and Python, outside the extensions"
 _write_frame = wire.write_frame
 _read_frame = wire.read_frame
 
@@ -126,8 +132,12 @@ class Runner:
         """Time the window's calls back to back. The trusted flusher emptied the cache just before,
         and each call reads inputs nothing has touched since. The first reply is sent the moment
         the window ends, with a checksum of all outputs as they are then; descriptions and bytes
-        follow in a second frame."""
+        follow in a second frame. A checked call may have the memory no tensor owns watched
+        across it (`memory_guard`)."""
         calls_before = self.ledger.calls
+        guard = memory_guard.MemoryGuard() if msg.get("guard_memory") and self.clock.cuda else None
+        if guard is not None:
+            guard.arm()
         gc.disable()  # a collection inside the window would cost the candidate, not the reference
         try:
             raw, elapsed = self.clock.time_window(self.model, self.window)
@@ -135,6 +145,8 @@ class Runner:
             gc.enable()
         results = [harness.as_output_list(result) for result in raw]
         everything = [out for outputs in results for out in outputs]
+        # Read before anything of the harness allocates: what it allocated would count as the call's.
+        memory = guard.findings(everything) if guard is not None else None
         plain = all(_exact_type(out) is _tensor_type and out.layout == torch.strided
                     and out.device.type == self.clock_device for out in everything)
         digest = harness.checksum(everything) if plain else None
@@ -143,6 +155,8 @@ class Runner:
                                  for out in outputs],
                    "flags_changed": self.changed_flags(), "extension_calls": self.ledger.calls - calls_before,
                    "outputs": len(results[0])}
+        if memory is not None:
+            details["memory"] = memory
         if msg.get("send_outputs") and plain:
             sent = everything + (self.window[0] if msg.get("send_inputs") else [])
             details["tensors"], details["exchanged"] = harness.tensors_to_exchange(sent, self.exchange,
@@ -172,20 +186,34 @@ class Runner:
         return False
 
     def op_profile(self, msg: dict) -> None:
-        """One call under the profiler: which kernels ran and how long each took."""
+        """One call under the profiler, on the window's last input set after a call on each of the
+        others: which kernels ran and how long each took (on a CPU: each of the candidate's extension
+        functions, and the rest of the call)."""
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.clock.cuda else [])
+        for inputs in self.window[:-1]:  # unprofiled, so that one-time costs fall outside the profile
+            self.model(*inputs)
+        self.clock.synchronize()
         calls_before = self.ledger.calls
-        with profile(activities=activities) as prof:
-            self.model(*self.window[0])
-            self.clock.synchronize()
+        self.ledger.profiling, self.ledger.extension_us = True, {}
+        try:
+            with profile(activities=activities) as prof:
+                started = _perf_counter()
+                self.model(*self.window[-1])
+                self.clock.synchronize()
+                call_us = (_perf_counter() - started) * 1e6
+        finally:
+            self.ledger.profiling = False
         kernels, operators = {}, {}
         for event in prof.events():
             if self.clock.cuda and event.device_type.name == "CUDA":
                 kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time
             elif event.name.startswith("aten::") and event.cpu_parent is None:
                 operators[event.name] = operators.get(event.name, 0.0) + event.cpu_time_total
+        if not self.clock.cuda:  # a CPU's kernels: its extension functions, and the rest of the call
+            kernels = dict(self.ledger.extension_us)
+            kernels[OUTSIDE_EXTENSIONS] = max(0.0, call_us - sum(kernels.values()))
         _write_frame(self.write_fd, {"kernels_us": kernels, "top_level_aten_us": operators,
                                      "extension_calls": self.ledger.calls - calls_before})
 
@@ -193,6 +221,8 @@ class Runner:
 def main() -> None:
     read_fd, write_fd, exchange_fd = harness.channel_from_argv()
     harness.start_device()
+    if torch.cuda.is_initialized():
+        memory_guard.MemoryGuard().warm()
     Runner(read_fd, write_fd, exchange_fd).serve()
 
 

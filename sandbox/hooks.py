@@ -10,8 +10,10 @@ import functools
 import hashlib
 import inspect
 import os
+import re
 import shutil
 import sysconfig
+import time
 from pathlib import Path
 
 import torch
@@ -22,10 +24,13 @@ if __package__:  # read as evo.sandbox.hooks (its lists, by the tests)
 else:  # in a sandbox, beside the other sandbox modules
     import precompiled
 
-# Flags that trade accuracy for speed; refused unless reduced precision is allowed.
+# Flags that trade accuracy for speed, -ffast-math's parts included; refused unless reduced
+# precision is allowed. A flag containing one of these (-Xcompiler=-ffast-math) counts too.
 REDUCED_PRECISION_FLAGS = ("-use_fast_math", "--use_fast_math", "-ffast-math", "-Ofast", "--ftz=true",
                            "-ftz=true", "--prec-div=false", "-prec-div=false", "--prec-sqrt=false",
-                           "-prec-sqrt=false", "-funsafe-math-optimizations", "-ffinite-math-only")
+                           "-prec-sqrt=false", "-funsafe-math-optimizations", "-ffinite-math-only",
+                           "-fassociative-math", "-freciprocal-math", "-fno-signed-zeros", "-fno-trapping-math",
+                           "-fcx-limited-range", "-fcx-fortran-rules", "-ffp-model=fast", "-ffp-model=aggressive")
 
 
 class ExtensionLedger:
@@ -35,6 +40,8 @@ class ExtensionLedger:
         self.extensions: list[dict] = []  # name, build directory, flags of each extension loaded
         self.refused_flags: list[str] = []
         self.calls = 0  # calls into compiled extension functions
+        self.profiling = False  # whether calls are timed, into extension_us
+        self.extension_us: dict[str, float] = {}  # µs in each extension function (EXTENSION_RANGE + its name)
         self.precompiled = 0  # extensions compiled with a precompiled torch header
         self.headers_wanted: list[dict] = []  # precompiled.spec of builds that found no header for theirs
 
@@ -51,6 +58,7 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
     """
     original_load_inline = cpp_extension.load_inline
     original_load = cpp_extension.load
+    toolchain = _toolchain()  # as the evaluator started this process, before any candidate code
 
     def guarded(original, kind):
         signature = inspect.signature(original)
@@ -67,6 +75,17 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
                 raise RuntimeError(
                     f"compiler flags {' '.join(refused)} reduce floating-point precision, which the evaluator's policy forbids"
                 )
+            now = _toolchain()
+            swapped = [name for name, value in now.items() if value != toolchain[name]]
+            if swapped:
+                ledger.refused_flags.extend(f"{name}={now[name]}" for name in swapped)
+                raise RuntimeError(f"the candidate changed {', '.join(swapped)}, through which the compiler and what it "
+                                   "reads are chosen; extensions are built with the evaluator's toolchain and flags")
+            asked = _fast_math_in_sources(kwargs)
+            if asked and not allow_reduced_precision:
+                ledger.refused_flags.extend(asked)
+                raise RuntimeError(f"the source asks for fast math ({asked[0]}), which reduces floating-point "
+                                   "precision and the evaluator's policy forbids")
             digest = hashlib.sha256(repr((kind, name, sorted(kwargs.items(), key=lambda kv: kv[0]), flags,
                                           torch.__version__, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
             entry = f"{name}-{digest}"
@@ -125,6 +144,18 @@ FLAG_VARIABLES = ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "PYTORCH_NVCC", "CF
                   "LDFLAGS", "NVCC_CCBIN", "TORCH_NVCC_FLAGS")
 
 
+# Variables that choose which programs compile and link, or what they read besides the sources: a
+# wrapper script named by one of them could add any flag unseen.
+TOOLCHAIN_VARIABLES = ("CXX", "CC", "CUDAHOSTCXX", "PATH", "CUDA_HOME", "CUDA_PATH", "COMPILER_PATH",
+                       "GCC_EXEC_PREFIX", "LD_PRELOAD", "CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH")
+
+
+def _toolchain() -> dict:
+    chosen = {name: os.environ.get(name) for name in TOOLCHAIN_VARIABLES}
+    chosen["torch.utils.cpp_extension.CUDA_HOME"] = cpp_extension.CUDA_HOME
+    return chosen
+
+
 def _flags_of(kwargs: dict) -> list[str]:
     flags = [f"{name}={os.environ[name]}" for name in FLAG_VARIABLES if os.environ.get(name)]
     for key in ("extra_cflags", "extra_cuda_cflags", "extra_ldflags"):
@@ -133,19 +164,64 @@ def _flags_of(kwargs: dict) -> list[str]:
     return [str(flag) for flag in flags]
 
 
+# Fast math's options as a source names them in `#pragma GCC optimize(...)`, `_Pragma` or
+# `__attribute__((optimize(...)))`, with or without their leading -f or -; their no- forms, which
+# ask for exact math, are not refused, while no-signed-zeros and no-trapping-math are the unsafe ones.
+FAST_MATH_WORDS = re.compile(r"(?<!no-)(?:fast-math|Ofast|unsafe-math|associative-math|reciprocal-math|"
+                             r"finite-math|cx-limited-range|cx-fortran-rules)|no-signed-zeros|no-trapping-math")
+# String and character literals (kept, so a "//" inside one is no comment), then comments (dropped).
+_LITERAL_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|//[^\n]*|/\*.*?\*/', re.S)
+_ADJACENT_LITERALS = re.compile(r'"\s*"')  # "fast" "-math" is one literal to the compiler
+
+
+def _fast_math_in_sources(kwargs: dict) -> list[str]:
+    """Lines of the extension's sources that name a fast-math option. Outside comments such words
+    appear where a source asks for that option (two variables `fast-math` subtracted would be
+    refused too); a macro that builds the word from parts is not seen (a hole in the corpus)."""
+    texts = []
+    for key in ("cpp_sources", "cuda_sources"):
+        value = kwargs.get(key) or []
+        texts.extend([value] if isinstance(value, str) else [str(part) for part in value])
+    for source in ([kwargs["sources"]] if isinstance(kwargs.get("sources"), str) else kwargs.get("sources") or []):
+        try:
+            texts.append(Path(source).read_text(errors="replace"))
+        except OSError:
+            pass  # the build itself says that a source cannot be read
+    found = []
+    for text in texts:
+        code = _LITERAL_OR_COMMENT.sub(lambda m: m.group() if m.group()[0] in "\"'" else " ",
+                                       text.replace("\\\n", ""))
+        code = _ADJACENT_LITERALS.sub("", code)
+        found.extend(line.strip() for line in code.splitlines() if FAST_MATH_WORDS.search(line))
+    return found
+
+
 def _count_calls(module, ledger: ExtensionLedger) -> None:
     for attribute in dir(module):
         if attribute.startswith("_"):
             continue
         function = getattr(module, attribute)
         if callable(function) and not isinstance(function, type):
-            setattr(module, attribute, _counted(function, ledger))
+            setattr(module, attribute, _counted(function, f"{EXTENSION_RANGE}{attribute}", ledger))
 
 
-def _counted(function, ledger: ExtensionLedger):
+# How a profiled call names the time spent in one of the candidate's extension functions: on a
+# CPU, where there is no kernel list, that time is the candidate's own code, and the rest of the
+# call the library's.
+EXTENSION_RANGE = "evo_extension::"
+_clock = time.perf_counter
+
+
+def _counted(function, range_name: str, ledger: ExtensionLedger):
     @functools.wraps(function)
     def call(*args, **kwargs):
         ledger.calls += 1
-        return function(*args, **kwargs)
+        if not ledger.profiling:  # timed calls pay no clock reads
+            return function(*args, **kwargs)
+        started = _clock()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            ledger.extension_us[range_name] = ledger.extension_us.get(range_name, 0.0) + (_clock() - started) * 1e6
 
     return call

@@ -125,14 +125,15 @@ CHEATS = [
     ("positional_fast_math", RELU, ("compiler_flags",), (), {}),
     # No build sandbox starts for a source that never names the extension builder: it builds when loaded.
     ("obscured_extension_build", RELU, ("compiler_flags",), (), {}),
-    pytest.param("pragma_fast_math", RELU, ("compiler_flags",), (), {}, marks=hole(
-        "#pragma GCC optimize(\"fast-math\") in the source is not inspected; only the flag lists are")),
-    pytest.param("split_fast_math_flags", RELU, ("compiler_flags",), (), {}, marks=hole(
-        "-fassociative-math -freciprocal-math -fno-signed-zeros -fno-trapping-math are not on the refused list")),
+    ("pragma_fast_math", RELU, ("compiler_flags",), (), {}),
+    pytest.param("macro_built_fast_math", RELU, ("compiler_flags",), (), {}, marks=hole(
+        "sources are read as text: an option name pasted together by macros is not seen")),
+    # -ffast-math spelled as its parts.
+    ("split_fast_math_flags", RELU, ("compiler_flags",), (), {}),
     pytest.param("hook_bypass_fast_math", RELU, ("compiler_flags",), (), {}, marks=hole(
         "load_inline.__wrapped__ (left by functools.wraps) is the unguarded original: no flag check, no cache")),
-    pytest.param("flags_via_cxx_env", RELU, ("compiler_flags",), (), {}, marks=hole(
-        "CXX set to a wrapper script that adds -ffast-math is not inspected, and the cache key ignores it")),
+    # The compiler's wrapper script named by CXX: the toolchain's variables must stay as the evaluator set them.
+    ("flags_via_cxx_env", RELU, ("compiler_flags",), (), {}),
     ("tf32_at_import", RELU, ("global_flags",), (), {}),
     ("matmul_precision_in_forward", MATMUL, ("global_flags",), (), {}),
     # The per-backend fp32_precision settings are read too, and a getter that refuses counts as a change.
@@ -144,9 +145,6 @@ CHEATS = [
         "candidate can replace")),
     # Whose code ran.
     ("pure_pytorch", RELU, ("custom_code",), ("values",), {}),
-    pytest.param("noop_extension", RELU, ("custom_code",), ("values",), {}, marks=hole(
-        "one call into any extension function counts as 'custom code ran'; on the CPU nothing measures how much "
-        "of the call the extension accounts for")),
 ]
 
 
@@ -207,6 +205,21 @@ def test_content_keyed_cache_never_hits(run_verify):
     verdict = run_verify(RELU, CPU_CANDIDATES / "honest_content_cache.py", device="cpu")
     assert verdict.verdict == "verified", explain(verdict)
     assert verdict.timings.candidate.min_ms >= 5.0, explain(verdict)
+
+
+def test_a_decoy_extension_call_passes_custom_code_but_is_reported(run_verify):
+    """As on a GPU (decoy_kernel): one call into the extension is custom code that ran, and the
+    share of the profiled call spent in torch's operators outside it says who did the work."""
+    decoy = run_verify(RELU, CPU_CANDIDATES / "noop_extension.py", device="cpu")
+    honest = run_verify(RELU, CPU_CANDIDATES / "honest_relu.py", device="cpu")
+    assert decoy.verdict == honest.verdict == "verified", explain(decoy) + explain(honest)
+    custom = next(check for check in decoy.checks if check.name == "custom_code")
+    assert custom.passed and "torch operators outside its extensions" in custom.detail, custom.detail
+    # On this project's 2-core machine: 88-89% for the decoy (a call through pybind11 alone takes tens
+    # of µs of its few hundred), 24% for the honest relu (Python's forward around its extension).
+    assert decoy.kernels["library_fraction"] > 0.75, decoy.kernels
+    assert honest.kernels["library_fraction"] < 0.5, honest.kernels
+    assert any(name.startswith("evo_extension::") for name in honest.kernels["own_kernels_us"]), honest.kernels
 
 
 def test_pointer_cache_gains_nothing(run_verify):
@@ -295,7 +308,8 @@ def test_build_budget():
 
 def test_every_candidate_is_in_a_table_and_says_what_it_is():
     listed = {param.values[0] if hasattr(param, "values") else param[0] for param in CHEATS}
-    listed |= {name for name, _ in HONEST} | {"honest_content_cache", "pointer_cache", "task_tamper", "cache_poisoning"}
+    listed |= {name for name, _ in HONEST} | {"honest_content_cache", "pointer_cache", "task_tamper", "cache_poisoning",
+                                                "noop_extension"}
     files = {path.stem for path in CPU_CANDIDATES.glob("*.py")}
     assert files == listed, f"not tested: {sorted(files - listed)}; missing files: {sorted(listed - files)}"
     for path in CPU_CANDIDATES.glob("*.py"):

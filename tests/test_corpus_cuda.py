@@ -112,15 +112,16 @@ def test_honest_candidate_is_verified(run_verify, candidate, task, policy):
 
 @pytest.mark.gpu
 def test_a_launch_bound_speedup_is_flagged_and_a_device_bound_one_is_not(run_verify):
-    """The softmax's kernel runs a few µs of a call launched from Python; the 2048³ product's
-    kernel is nearly all of its call."""
+    """The NVRTC relu's kernel runs a few µs of a call that its Python launch makes 60-90 µs long
+    on the H200; the 2048³ product's kernel is nearly all of its call. (The softmax's call, about
+    twice its kernel, was flagged in one GPU run and not in the next: too near the line to test.)"""
     def host_paced(verdict: Verdict) -> list[str]:
         return [warning for warning in verdict.warnings if "the host launching them" in warning]
 
-    softmax = verdict_of(run_verify, SOFTMAX, "honest_softmax.py")
+    relu = verdict_of(run_verify, RELU, "honest_nvrtc_relu.py")
     matmul = verdict_of(run_verify, MATMUL, "honest_matmul_tiled.py", **MATMUL_POLICY)
-    assert softmax.verdict == matmul.verdict == "verified", explain(softmax) + explain(matmul)
-    assert len(host_paced(softmax)) == 1, softmax.warnings
+    assert relu.verdict == matmul.verdict == "verified", explain(relu) + explain(matmul)
+    assert len(host_paced(relu)) == 1, relu.warnings
     assert not host_paced(matmul), matmul.warnings
 
 
@@ -140,6 +141,9 @@ CHEATS = [
     ("inplace_returns_input.py", RELU, ("output_aliasing",), (), {}),
     ("inplace_then_clone.py", RELU, ("inputs_unchanged",), ("values",), {}),
     ("input_zeroing.py", RELU, ("inputs_unchanged",), (), {}),
+    # memory outside the tensors
+    ("out_of_bounds_write.py", RELU, ("memory_bounds",), ("values",), {}),
+    ("vector_tail_overrun.py", RELU, ("memory_bounds",), ("values",), {}),
     # the output's structure
     ("wrong_dtype.py", RELU, ("output_shape",), (), {}),
     ("wrong_shape.py", RELU, ("output_shape",), (), {}),
@@ -233,14 +237,6 @@ def test_decoy_kernel_passes_custom_code_but_is_reported(run_verify):
 # ---- holes the evaluator has today (strict xfail: they XPASS once closed) -----------------------
 
 @pytest.mark.gpu
-@hole("nothing checks memory outside the outputs: writes past the output's end land in free allocator "
-      "memory of the candidate's own process")
-def test_out_of_bounds_write(run_verify):
-    verdict = run_verify(RELU, CUDA_CANDIDATES / "out_of_bounds_write.py", device="cuda")
-    assert verdict.verdict == "rejected", explain(verdict)
-
-
-@pytest.mark.gpu
 @hole("custom_code rests on the one profiled call (and on extension calls counted in the candidate's own "
       "process); a candidate can tell when it is profiled")
 def test_custom_code_only_under_the_profiler(run_verify):
@@ -286,7 +282,7 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
 
 # Candidates tested outside the HONEST and CHEATS tables.
 OTHERS = {"illegal_address.py", "honest_relu.py", "content_cache.py", "decoy_kernel.py",
-          "out_of_bounds_write.py", "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py",
+          "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py",
           "poison_ceilings.py"}
 
 

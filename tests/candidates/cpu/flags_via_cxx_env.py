@@ -1,8 +1,8 @@
 """Cheat: smuggle -ffast-math through the compiler command. torch.utils.cpp_extension takes
 the compiler from $CXX; the candidate writes a one-line wrapper script (exec c++ -ffast-math "$@")
 into its home directory and points CXX at it before building. Its extra_cflags are clean.
-Meant to be caught by: compiler_flags. Only extra_cflags/extra_cuda_cflags/extra_ldflags are
-inspected, and the build cache key ignores the environment: a hole.
+Meant to be caught by: compiler_flags (the hooks refuse to build once a variable that chooses the
+toolchain, CXX among them, differs from what the evaluator started the process with).
 """
 
 import os

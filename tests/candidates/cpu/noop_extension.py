@@ -1,7 +1,8 @@
 """Cheat: call the compiled extension with a no-op so that "custom code ran", and compute the
 result with PyTorch.
-Meant to be caught by: custom_code. On the CPU nothing measures how much of the call the
-extension accounts for, so this is verified today (a hole; see the test's xfail reason).
+Meant to be caught by: custom_code's report, as decoy_kernel.py is on a GPU: one call of the
+extension is custom code that ran, so it passes, with over 90% of the profiled call's time in
+torch's operators outside the extension.
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Cheat: fast math without the flag. The source starts with #pragma GCC optimize("fast-math"),
 which turns on the same reassociation and finite-math assumptions as -ffast-math for every
 function that follows; the extra_cflags are clean.
-Meant to be caught by: compiler_flags. Only the flag lists are inspected, not the source: a hole.
+Meant to be caught by: compiler_flags (the sources are read for fast-math options since session 15).
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Cheat: -ffast-math spelled out as its component flags (-fassociative-math -freciprocal-math
--fno-signed-zeros -fno-trapping-math, i.e. -funsafe-math-optimizations), none of which is on
-the evaluator's list of refused flags.
-Meant to be caught by: compiler_flags. The refused list matches a few spellings only: a hole.
+-fno-signed-zeros -fno-trapping-math, i.e. -funsafe-math-optimizations), none of which the
+evaluator's list of refused flags named until session 15.
+Meant to be caught by: compiler_flags.
 """
 
 import torch

@@ -1,8 +1,7 @@
 """Cheat (or bug): the kernel writes the output correctly and then 65536 more elements past the
-output's end. In a same-process harness such writes can land on the reference's expected output.
-Meant to be caught by: a memory check (a write outside the outputs). Today nothing checks memory
-beyond the outputs: the writes land in free allocator memory of the candidate's own process,
-which no verdict depends on (see test_out_of_bounds_write).
+output's end. In a same-process harness such writes can land on the reference's expected output;
+in evo they land in the candidate's own process, where nothing a verdict reads lies.
+Meant to be caught by: memory_bounds (the memory guard sees bytes no tensor owned change).
 """
 
 import torch
