@@ -1,6 +1,8 @@
-"""A candidate's C++ and CUDA extensions, built before its processes load it: in a build sandbox
-that sees no device, under the same hooks as at load (flags checked, arguments bound by name),
-into a cache by content hash that only evo writes and every sandbox reads."""
+"""A candidate's C++ and CUDA extensions, built before its processes load it: a build sandbox that
+sees no device imports the candidate under the same hooks as at load (flags checked, arguments
+bound by name), and each build the cache lacks is compiled from its reported arguments by a second
+sandbox that runs no candidate code, into a cache by content hash that only evo writes and every
+sandbox reads."""
 
 from __future__ import annotations
 
@@ -48,22 +50,53 @@ def build(session: TaskSession, candidate: Path, policy: VerifyPolicy, judgement
                                   "it compiles when loaded)")
         return
     started = time.monotonic()
-    builder = own(session.sandbox("build.py", "build", {"CUDA_VISIBLE_DEVICES": "", "MAX_JOBS": str(devices.BUILD_JOBS)}))
-    reply, _ = builder.request({"candidate": str(candidate), "extensions_cache": str(extensions_cache(session)),
-                                "extensions_dir": str(builder.workdir / "extensions"), "headers": headers_root(session),
-                                "allow_reduced_precision": policy.allow_reduced_precision},
-                               timeout=policy.build_timeout_s)
+    deadline = started + policy.build_timeout_s
+    builder = own(session.sandbox("build.py", "build", BUILD_ENVIRONMENT))
+    builder.send(build_message(session, builder, policy, candidate=str(candidate)), timeout=policy.build_timeout_s)
+    precompiled = 0
+    while True:  # the build sandbox asks for each build the cache lacks, then replies
+        reply, _ = builder.receive(timeout=max(1.0, deadline - time.monotonic()))
+        if "compile" not in reply:
+            break
+        answer = compile_for_the_cache(session, reply["compile"], policy, own, deadline)
+        precompiled += answer.get("precompiled", 0)
+        builder.send({key: answer.get(key) for key in ("ok", "error", "log", "refused_flags", "precompiled")})
     builder.close()
-    if session.headers is not None:
-        session.headers.want(reply.get("headers_wanted"))
-    if reply["ok"]:
-        devices.publish_extensions(reply["extensions"], extensions_cache(session))
     timings.build_s = time.monotonic() - started
     if reply.get("refused_flags"):
         judgement.reject("compiler_flags", f"{reply['error']}; pass --allow-reduced-precision to permit them")
     if not reply["ok"]:
         log = f"\n{reply['log']}" if reply.get("log") else ""
         judgement.reject("build", f"{reply['error']}{log}")
-    precompiled = " (with torch's header precompiled)" if reply.get("precompiled") else ""
-    judgement.passed("build", f"built{precompiled}" if reply["extensions"] else
+    header = " (with torch's header precompiled)" if precompiled else ""
+    judgement.passed("build", f"built{header}" if reply["extensions"] else
                      "no extension to build at import" + (f" ({reply['deferred']})" if reply.get("deferred") else ""))
+
+
+# A build sees no device and runs its compilers on a few cores.
+BUILD_ENVIRONMENT = {"CUDA_VISIBLE_DEVICES": "", "MAX_JOBS": str(devices.BUILD_JOBS)}
+
+
+def build_message(session: TaskSession, process: SandboxProcess, policy: VerifyPolicy, **what) -> dict:
+    return {**what, "extensions_cache": str(extensions_cache(session)), "extensions_dir": str(process.workdir / "extensions"),
+            "headers": headers_root(session), "allow_reduced_precision": policy.allow_reduced_precision}
+
+
+def compile_for_the_cache(session: TaskSession, arguments, policy: VerifyPolicy,
+                          own: Callable[[SandboxProcess], SandboxProcess], deadline: float) -> dict:
+    """Compile one extension from the arguments the build sandbox reported, in a sandbox of its own
+    that runs no candidate code, and put what it built in the cache: the build sandbox, where the
+    candidate's import code runs, could otherwise name any library under any key."""
+    if not (isinstance(arguments, dict) and isinstance(arguments.get("name"), str)
+            and isinstance(arguments.get("kwargs"), dict)):
+        return {"ok": False, "error": "the build sandbox asked for a compile evo cannot read"}
+    compiler = own(session.sandbox("build.py", "build", BUILD_ENVIRONMENT))
+    answer, _ = compiler.request(build_message(session, compiler, policy, compile=arguments),
+                                 timeout=max(1.0, deadline - time.monotonic()))
+    compiler.close()
+    if session.headers is not None:
+        session.headers.want(answer.get("headers_wanted"))
+    if answer.get("ok"):
+        devices.publish_extensions(answer.get("extensions") or [], extensions_cache(session), compiler.workdir)
+    return answer
+

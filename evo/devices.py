@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -238,13 +239,19 @@ def environment(device: Device, facts: dict) -> dict:
     return {key: value for key, value in env.items() if value is not None}
 
 
-def publish_extensions(extensions: list[dict], cache: Path) -> None:
-    """Copy what a build sandbox compiled into the shared cache, each entry at most once."""
+def publish_extensions(extensions: list[dict], cache: Path, built_in: Path) -> None:
+    """Copy what a compiling sandbox built under `built_in` into the shared cache, each entry at
+    most once: only a plain entry name, only from a directory of that sandbox's."""
     for extension in extensions:
-        source = Path(extension["build_directory"])
+        entry, source = str(extension.get("entry", "")), Path(str(extension.get("build_directory", "")))
+        if not ENTRY_NAME.fullmatch(entry) or not source.resolve().is_relative_to(built_in.resolve()):
+            continue
         if source.is_dir():
-            install_whole(cache / extension["entry"],
+            install_whole(cache / entry,
                           lambda staging: shutil.copytree(source, staging, ignore=shutil.ignore_patterns("lock")))
+
+
+ENTRY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def install_whole(target: Path, fill: Callable[[Path], None]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -47,14 +48,16 @@ class ExtensionLedger:
 
 
 def install(cache_root: str, private_root: str, allow_reduced_precision: bool, ledger: ExtensionLedger,
-            headers_root: str | None = None) -> None:
+            headers_root: str | None = None, compile_elsewhere=None) -> None:
     """Route load_inline/load through the build cache and the flag policy.
 
     Each extension is built in `private_root`, a directory of this sandbox's own, starting from
     a copy of its entry in `cache_root` when there is one (read-only here; only the parent adds
-    to it, after a build), so nothing a candidate writes reaches another candidate's build.
-    A load_inline build whose flags have a precompiled torch header in `headers_root` (read-only
-    here too) includes it first.
+    to it), so nothing a candidate writes reaches another candidate's build. A load_inline build
+    whose flags have a precompiled torch header in `headers_root` (read-only here too) includes
+    it first. With `compile_elsewhere` (the build sandbox, where the candidate's import code runs
+    beside the hooks), a build missing from the cache is asked of evo, which has it compiled
+    from these arguments by a sandbox that runs no candidate code and puts it in the cache.
     """
     original_load_inline = cpp_extension.load_inline
     original_load = cpp_extension.load
@@ -66,9 +69,14 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
         @functools.wraps(original)
         def wrapper(name, *args, **kwargs):
             # Every argument by its name, however it was passed: flags passed by position count too.
-            kwargs = dict(signature.bind(name, *args, **kwargs).arguments)
+            kwargs = _normalized(signature.bind(name, *args, **kwargs).arguments)
             del kwargs["name"]
             flags = _flags_of(kwargs)
+            chooser = [flag for flag in flags if TOOL_FLAG.search(flag)]
+            if chooser:
+                ledger.refused_flags.extend(chooser)
+                raise RuntimeError(f"compiler flags {' '.join(chooser)} make the compiler run or read programs of the "
+                                   "candidate's choosing, which the evaluator does not allow")
             refused = [flag for flag in flags if any(bad in flag for bad in REDUCED_PRECISION_FLAGS)]
             if refused and not allow_reduced_precision:
                 ledger.refused_flags.extend(refused)
@@ -91,6 +99,13 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
             entry = f"{name}-{digest}"
             build_dir = Path(private_root) / entry
             cached = Path(cache_root) / entry
+            # Only what the arguments hold whole: files that `load` or include paths name may lie where
+            # the compiling sandbox cannot read them; such builds stay here, and out of the cache.
+            remote = compile_elsewhere is not None and kind == "load_inline" and not kwargs.get("extra_include_paths")
+            portable = _portable(kwargs) if remote else None
+            if portable is not None and not (cached / f"{name}.so").is_file() and kwargs.get("is_python_module", True):
+                compile_elsewhere({"kind": kind, "name": name, "kwargs": portable,
+                                   "environment": {key: os.environ.get(key) for key in KEYED_VARIABLES}})
             if (cached / f"{name}.so").is_file() and kwargs.get("is_python_module", True):
                 # torch's build files name absolute paths, so a copy elsewhere would rebuild:
                 # load the cached library itself, from a private copy.
@@ -144,16 +159,47 @@ FLAG_VARIABLES = ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "PYTORCH_NVCC", "CF
                   "LDFLAGS", "NVCC_CCBIN", "TORCH_NVCC_FLAGS")
 
 
+# Flags (without their leading dashes) that make a compiler run a program or load a library of
+# the candidate's choosing: a compiler plugin could rewrite what it builds. A response file (@file)
+# could hold any flag.
+# -B takes a directory (-Bsymbolic, a linker flag, is not one); flags may come joined by = , or spaces.
+TOOL_FLAG = re.compile(r"(?:^|[\s=,])(?:-fplugin|-B(?=$|[\s/.~$])|-wrapper|-specs|-ccbin|--compiler-bindir|-iplugindir)"
+                       r"|(?:^|[\s=,])@")
+
+
+def _normalized(arguments) -> dict:
+    """The call's arguments as they key a build: tuples as lists and paths as strings, so that
+    the same arguments, however spelled, key one build."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return str(value) if isinstance(value, Path) else value
+    return {key: plain(value) for key, value in arguments.items()}
+
+
+def _portable(kwargs: dict) -> dict | None:
+    """The arguments as another process can take them (JSON), or None where they cannot go."""
+    try:
+        portable = json.loads(json.dumps(kwargs))
+    except (TypeError, ValueError):
+        return None
+    return portable if portable == kwargs else None
+
+
 # Variables that choose which programs compile and link, or what they read besides the sources: a
 # wrapper script named by one of them could add any flag unseen.
-TOOLCHAIN_VARIABLES = ("CXX", "CC", "CUDAHOSTCXX", "PATH", "CUDA_HOME", "CUDA_PATH", "COMPILER_PATH",
-                       "GCC_EXEC_PREFIX", "LD_PRELOAD", "CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH")
+TOOLCHAIN_VARIABLES = ("CXX", "CC", "CUDAHOSTCXX", "PYTORCH_NVCC", "NVCC_CCBIN", "PATH", "CUDA_HOME", "CUDA_PATH",
+                       "COMPILER_PATH", "GCC_EXEC_PREFIX", "LD_PRELOAD", "CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH")
 
 
 def _toolchain() -> dict:
     chosen = {name: os.environ.get(name) for name in TOOLCHAIN_VARIABLES}
     chosen["torch.utils.cpp_extension.CUDA_HOME"] = cpp_extension.CUDA_HOME
     return chosen
+
+
+# The variables a build's key depends on: what a compiling sandbox takes from the one that asks.
+KEYED_VARIABLES = (*(name for name in FLAG_VARIABLES if name not in TOOLCHAIN_VARIABLES), "TORCH_CUDA_ARCH_LIST")
 
 
 def _flags_of(kwargs: dict) -> list[str]:

@@ -266,6 +266,17 @@ def test_a_candidate_cannot_damage_the_build_cache(cache_dir, tmp_path):
     assert {"load", "values"} <= set(passed_names(after)), explain(after)
 
 
+def test_a_candidate_cannot_plant_a_library_under_another_sources_key(tmp_path):
+    """cache_key_forgery builds a relu that writes zeros under the honest kit's module name and
+    adds a ledger entry naming it under the key of honest_relu.py's source. Only what a compiling
+    sandbox built from an entry's own arguments reaches the cache, so on a fresh cache
+    honest_relu, verified afterwards, is verified (before that rule it loaded the zeros)."""
+    policy = VerifyPolicy(device="cpu", timing_budget_s=0.3, max_timed_calls=50)
+    verify(RELU, CPU_CANDIDATES / "cache_key_forgery.py", policy, cache_dir=tmp_path)
+    after = verify(RELU, CPU_CANDIDATES / "honest_relu.py", policy, cache_dir=tmp_path)
+    assert after.verdict == "verified", explain(after)
+
+
 # ---- the corpus itself --------------------------------------------------------------------------
 
 def extension_builds(path: Path) -> list[tuple]:
@@ -309,7 +320,7 @@ def test_build_budget():
 def test_every_candidate_is_in_a_table_and_says_what_it_is():
     listed = {param.values[0] if hasattr(param, "values") else param[0] for param in CHEATS}
     listed |= {name for name, _ in HONEST} | {"honest_content_cache", "pointer_cache", "task_tamper", "cache_poisoning",
-                                                "noop_extension"}
+                                                "noop_extension", "cache_key_forgery"}
     files = {path.stem for path in CPU_CANDIDATES.glob("*.py")}
     assert files == listed, f"not tested: {sorted(files - listed)}; missing files: {sorted(listed - files)}"
     for path in CPU_CANDIDATES.glob("*.py"):

@@ -95,3 +95,21 @@ def test_a_few_evaluations_hold_processes_on_each_device_and_gpus_sharing_a_mach
     assert devices.evaluations_at_device("cuda") == 3
     machine(2, 2)  # the CI machine: never fewer than two, so that one loads while another is timed
     assert devices.evaluations_at_device("cpu") == 2
+
+
+def test_only_plain_entries_built_by_the_compiling_sandbox_reach_the_extension_cache(tmp_path):
+    """What a build names comes from a sandbox's report: an entry with a path in its name, or a
+    directory outside that sandbox's, is not copied."""
+    built_in, elsewhere, cache = tmp_path / "compiler", tmp_path / "elsewhere", tmp_path / "cache"
+    for directory in (built_in / "extensions" / "kit-1", elsewhere / "secrets", cache):
+        directory.mkdir(parents=True)
+        (directory / "file").write_text(directory.name)
+    devices.publish_extensions([
+        {"entry": "kit-1", "build_directory": str(built_in / "extensions" / "kit-1")},
+        {"entry": "../escaped", "build_directory": str(built_in / "extensions" / "kit-1")},
+        {"entry": ".hidden", "build_directory": str(built_in / "extensions" / "kit-1")},
+        {"entry": "stolen", "build_directory": str(elsewhere / "secrets")},
+        {"entry": "sneaky", "build_directory": str(built_in / ".." / "elsewhere" / "secrets")},
+    ], cache, built_in)
+    assert sorted(path.name for path in cache.iterdir()) == ["file", "kit-1"]
+    assert not (tmp_path / "escaped").exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evo.sandbox.hooks import _fast_math_in_sources
+from evo.sandbox.hooks import TOOL_FLAG, _fast_math_in_sources
 
 ASKS = [
     '#pragma GCC optimize("fast-math")\nint x;',
@@ -39,3 +39,12 @@ def test_the_files_of_a_load_are_read(tmp_path):
     (tmp_path / "clean.cpp").write_text("int x;\n")
     assert _fast_math_in_sources({"sources": [str(tmp_path / "clean.cpp"), str(tmp_path / "kernel.cpp")]})
     assert not _fast_math_in_sources({"sources": str(tmp_path / "clean.cpp")})
+
+
+@pytest.mark.parametrize("flag, refused", [
+    ("-fplugin=/home/x/p.so", True), ("-Xcompiler=-fplugin=p.so", True), ("-B/home/x/bin", True), ("-B", True),
+    ("@/home/x/flags", True), ("NVCC_PREPEND_FLAGS=-ccbin /home/x/cc", True), ("--compiler-bindir=/x", True),
+    ("-wrapper", True), ("-O3", False), ("-Wl,-Bsymbolic", False), ("-std=c++17", False), ("-fopenmp", False),
+])
+def test_flags_that_make_the_compiler_run_a_chosen_program_are_refused(flag, refused):
+    assert bool(TOOL_FLAG.search(flag)) is refused
