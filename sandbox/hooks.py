@@ -72,31 +72,11 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
             kwargs = _normalized(signature.bind(name, *args, **kwargs).arguments)
             del kwargs["name"]
             flags = _flags_of(kwargs)
-            chooser = [flag for flag in flags if TOOL_FLAG.search(flag)]
-            if chooser:
-                ledger.refused_flags.extend(chooser)
-                raise RuntimeError(f"compiler flags {' '.join(chooser)} make the compiler run or read programs of the "
-                                   "candidate's choosing, which the evaluator does not allow")
-            refused = [flag for flag in flags if any(bad in flag for bad in REDUCED_PRECISION_FLAGS)]
-            if refused and not allow_reduced_precision:
-                ledger.refused_flags.extend(refused)
-                raise RuntimeError(
-                    f"compiler flags {' '.join(refused)} reduce floating-point precision, which the evaluator's policy forbids"
-                )
-            now = _toolchain()
-            swapped = [name for name, value in now.items() if value != toolchain[name]]
-            if swapped:
-                ledger.refused_flags.extend(f"{name}={now[name]}" for name in swapped)
-                raise RuntimeError(f"the candidate changed {', '.join(swapped)}, through which the compiler and what it "
-                                   "reads are chosen; extensions are built with the evaluator's toolchain and flags")
-            asked = _fast_math_in_sources(kwargs)
-            if asked and not allow_reduced_precision:
-                ledger.refused_flags.extend(asked)
-                raise RuntimeError(f"the source asks for fast math ({asked[0]}), which reduces floating-point "
-                                   "precision and the evaluator's policy forbids")
-            digest = hashlib.sha256(repr((kind, name, sorted(kwargs.items(), key=lambda kv: kv[0]), flags,
-                                          torch.__version__, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
-            entry = f"{name}-{digest}"
+            refusal = _refusal(kwargs, flags, toolchain, allow_reduced_precision)
+            if refusal is not None:
+                ledger.refused_flags.extend(refusal[0])
+                raise RuntimeError(refusal[1])
+            entry = _entry_name(kind, name, kwargs, flags)
             build_dir = Path(private_root) / entry
             cached = Path(cache_root) / entry
             # Only what the arguments hold whole: files that `load` or include paths name may lie where
@@ -128,6 +108,38 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
 
     cpp_extension.load_inline = guarded(original_load_inline, "load_inline")
     cpp_extension.load = guarded(original_load, "load")
+
+
+def _entry_name(kind: str, name: str, kwargs: dict, flags: list[str]) -> str:
+    """The build's name in the cache: the extension's name and a hash of all that shapes the build."""
+    digest = hashlib.sha256(repr((kind, name, sorted(kwargs.items(), key=lambda kv: kv[0]), flags, torch.__version__,
+                                  os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
+    return f"{name}-{digest}"
+
+
+def _refusal(kwargs: dict, flags: list[str], toolchain: dict, allow_reduced_precision: bool):
+    """(what is refused, why) when the evaluator's policy forbids this build, else None."""
+    chooser = [flag for flag in flags if TOOL_FLAG.search(flag)]
+    if chooser:
+        return chooser, (f"compiler flags {' '.join(chooser)} make the compiler run or read programs of the "
+                         "candidate's choosing, which the evaluator does not allow")
+    now = _toolchain()
+    swapped = [name for name, value in now.items() if value != toolchain[name]]
+    if swapped:
+        return [f"{name}={now[name]}" for name in swapped], (
+            f"the candidate changed {', '.join(swapped)}, through which the compiler and what it reads are chosen; "
+            "extensions are built with the evaluator's toolchain and flags")
+    if allow_reduced_precision:
+        return None
+    reducing = [flag for flag in flags if any(bad in flag for bad in REDUCED_PRECISION_FLAGS)]
+    if reducing:
+        return reducing, (f"compiler flags {' '.join(reducing)} reduce floating-point precision, which the "
+                          "evaluator's policy forbids")
+    asked = _fast_math_in_sources(kwargs)
+    if asked:
+        return asked, (f"the source asks for fast math ({asked[0]}), which reduces floating-point precision and "
+                       "the evaluator's policy forbids")
+    return None
 
 
 def header_key(spec: dict) -> str:

@@ -9,8 +9,6 @@ candidate code built from its key's arguments (invariant 5 of DESIGN.md; tests/t
 
 import ast
 import gc
-import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -33,10 +31,7 @@ def honest_source() -> str:
 def build_key(**kwargs) -> str:
     """The entry name the evaluator's build hook gives these arguments (sandbox/hooks.py)."""
     hooks = sys.modules["hooks"]
-    digest = hashlib.sha256(repr(("load_inline", NAME, sorted(kwargs.items(), key=lambda kv: kv[0]),
-                                  hooks._flags_of(kwargs), torch.__version__,
-                                  os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
-    return f"{NAME}-{digest}"
+    return hooks._entry_name("load_inline", NAME, kwargs, hooks._flags_of(kwargs))
 
 
 GOOD = honest_source()
