@@ -53,22 +53,22 @@ def build(session: TaskSession, candidate: Path, policy: VerifyPolicy, judgement
     deadline = started + policy.build_timeout_s
     builder = own(session.sandbox("build.py", "build", BUILD_ENVIRONMENT))
     builder.send(build_message(session, builder, policy, candidate=str(candidate)), timeout=policy.build_timeout_s)
-    precompiled = 0
     while True:  # the build sandbox asks for each build the cache lacks, then replies
         reply, _ = builder.receive(timeout=max(1.0, deadline - time.monotonic()))
         if "compile" not in reply:
             break
         answer = compile_for_the_cache(session, reply["compile"], policy, own, deadline)
-        precompiled += answer.get("precompiled", 0)
         builder.send({key: answer.get(key) for key in ("ok", "error", "log", "refused_flags", "precompiled")})
     builder.close()
+    if session.headers is not None:  # for builds it made itself (never published)
+        session.headers.want(reply.get("headers_wanted"))
     timings.build_s = time.monotonic() - started
     if reply.get("refused_flags"):
         judgement.reject("compiler_flags", f"{reply['error']}; pass --allow-reduced-precision to permit them")
     if not reply["ok"]:
         log = f"\n{reply['log']}" if reply.get("log") else ""
         judgement.reject("build", f"{reply['error']}{log}")
-    header = " (with torch's header precompiled)" if precompiled else ""
+    header = " (with torch's header precompiled)" if reply.get("precompiled") else ""
     judgement.passed("build", f"built{header}" if reply["extensions"] else
                      "no extension to build at import" + (f" ({reply['deferred']})" if reply.get("deferred") else ""))
 

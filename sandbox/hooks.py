@@ -83,14 +83,15 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
             # the compiling sandbox cannot read them; such builds stay here, and out of the cache.
             remote = compile_elsewhere is not None and kind == "load_inline" and not kwargs.get("extra_include_paths")
             portable = _portable(kwargs) if remote else None
-            if portable is not None and not (cached / f"{name}.so").is_file() and kwargs.get("is_python_module", True):
+            library, python_module = cached / f"{name}.so", kwargs.get("is_python_module", True)
+            if portable is not None and python_module and not library.is_file():
                 compile_elsewhere({"kind": kind, "name": name, "kwargs": portable,
                                    "environment": {key: os.environ.get(key) for key in KEYED_VARIABLES}})
-            if (cached / f"{name}.so").is_file() and kwargs.get("is_python_module", True):
+            if python_module and library.is_file():
                 # torch's build files name absolute paths, so a copy elsewhere would rebuild:
                 # load the cached library itself, from a private copy.
                 build_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(cached / f"{name}.so", build_dir / f"{name}.so")
+                shutil.copy2(library, build_dir / f"{name}.so")
                 module = cpp_extension._import_module_from_library(name, str(build_dir), True)
             else:
                 build_dir.mkdir(parents=True, exist_ok=True)
@@ -171,10 +172,9 @@ FLAG_VARIABLES = ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "PYTORCH_NVCC", "CF
                   "LDFLAGS", "NVCC_CCBIN", "TORCH_NVCC_FLAGS")
 
 
-# Flags (without their leading dashes) that make a compiler run a program or load a library of
-# the candidate's choosing: a compiler plugin could rewrite what it builds. A response file (@file)
-# could hold any flag.
-# -B takes a directory (-Bsymbolic, a linker flag, is not one); flags may come joined by = , or spaces.
+# Flags that make a compiler run a program or load a library of the candidate's choosing: a compiler
+# plugin could rewrite what it builds. A response file (@file) could hold any flag. -B takes a
+# directory (-Bsymbolic, a linker flag, is not one); flags may come joined by =, commas or spaces.
 TOOL_FLAG = re.compile(r"(?:^|[\s=,])(?:-fplugin|-B(?=$|[\s/.~$])|-wrapper|-specs|-ccbin|--compiler-bindir|-iplugindir)"
                        r"|(?:^|[\s=,])@")
 
