@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sysconfig
 import time
 from pathlib import Path
@@ -21,9 +22,10 @@ import torch
 import torch.utils.cpp_extension as cpp_extension
 
 if __package__:  # read as evo.sandbox.hooks (its lists, by the tests)
-    from . import precompiled
+    from . import precompiled, preprocessed
 else:  # in a sandbox, beside the other sandbox modules
     import precompiled
+    import preprocessed
 
 # Flags that trade accuracy for speed, -ffast-math's parts included; refused unless reduced
 # precision is allowed. A flag containing one of these (-Xcompiler=-ffast-math) counts too.
@@ -76,7 +78,7 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
             if refusal is not None:
                 ledger.refused_flags.extend(refusal[0])
                 raise RuntimeError(refusal[1])
-            entry = _entry_name(kind, name, kwargs, flags)
+            entry = _entry_name(kind, name, kwargs, flags, allow_reduced_precision)
             build_dir = Path(private_root) / entry
             cached = Path(cache_root) / entry
             # Only what the arguments hold whole: files that `load` or include paths name may lie where
@@ -100,6 +102,11 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
                 if kind == "load_inline" and headers_root:
                     _include_precompiled_header(kwargs, Path(headers_root), ledger)
                 module = original(name, **kwargs)
+                asked = [] if allow_reduced_precision else _fast_math_once_preprocessed(name, build_dir)
+                if asked:
+                    ledger.refused_flags.extend(asked)
+                    raise RuntimeError(f"the source asks for fast math once preprocessed ({asked[0][:200]}), which "
+                                       "reduces floating-point precision and the evaluator's policy forbids")
             ledger.extensions.append({"name": name, "entry": entry, "build_directory": str(build_dir), "flags": flags})
             if not isinstance(module, str):
                 _count_calls(module, ledger)
@@ -111,10 +118,12 @@ def install(cache_root: str, private_root: str, allow_reduced_precision: bool, l
     cpp_extension.load = guarded(original_load, "load")
 
 
-def _entry_name(kind: str, name: str, kwargs: dict, flags: list[str]) -> str:
-    """The build's name in the cache: the extension's name and a hash of all that shapes the build."""
+def _entry_name(kind: str, name: str, kwargs: dict, flags: list[str], allow_reduced_precision: bool) -> str:
+    """The build's name in the cache: the extension's name and a hash of all that shapes the build.
+    The policy is part of it: a build is checked once preprocessed only when it is made, so a
+    library built while fast math was allowed must never serve a verification that forbids it."""
     digest = hashlib.sha256(repr((kind, name, sorted(kwargs.items(), key=lambda kv: kv[0]), flags, torch.__version__,
-                                  os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode()).hexdigest()[:24]
+                                  os.environ.get("TORCH_CUDA_ARCH_LIST"), allow_reduced_precision)).encode()).hexdigest()[:24]
     return f"{name}-{digest}"
 
 
@@ -222,6 +231,9 @@ def _flags_of(kwargs: dict) -> list[str]:
     return [str(flag) for flag in flags]
 
 
+# A build's preprocessing takes 1.5 s on a 2-core machine (torch/extension.h is 14 MB expanded).
+PREPROCESS_TIMEOUT_S = 120
+
 # Fast math's options as a source names them in `#pragma GCC optimize(...)`, `_Pragma` or
 # `__attribute__((optimize(...)))`, with or without their leading -f or -; their no- forms, which
 # ask for exact math, are not refused, while no-signed-zeros and no-trapping-math are the unsafe ones.
@@ -235,7 +247,8 @@ _ADJACENT_LITERALS = re.compile(r'"\s*"')  # "fast" "-math" is one literal to th
 def _fast_math_in_sources(kwargs: dict) -> list[str]:
     """Lines of the extension's sources that name a fast-math option. Outside comments such words
     appear where a source asks for that option (two variables `fast-math` subtracted would be
-    refused too); a macro that builds the word from parts is not seen (a hole in the corpus)."""
+    refused too); a name that macros build from parts shows only once the sources are
+    preprocessed (`_fast_math_once_preprocessed`)."""
     texts = []
     for key in ("cpp_sources", "cuda_sources"):
         value = kwargs.get(key) or []
@@ -247,11 +260,30 @@ def _fast_math_in_sources(kwargs: dict) -> list[str]:
             pass  # the build itself says that a source cannot be read
     found = []
     for text in texts:
-        code = _LITERAL_OR_COMMENT.sub(lambda m: m.group() if m.group()[0] in "\"'" else " ",
-                                       text.replace("\\\n", ""))
-        code = _ADJACENT_LITERALS.sub("", code)
-        found.extend(line.strip() for line in code.splitlines() if FAST_MATH_WORDS.search(line))
+        found.extend(_fast_math_lines(_LITERAL_OR_COMMENT.sub(lambda m: m.group() if m.group()[0] in "\"'" else " ",
+                                                              text.replace("\\\n", ""))))
     return found
+
+
+def _fast_math_once_preprocessed(name: str, build_dir: Path) -> list[str]:
+    """Lines of a finished build's preprocessed sources that name a fast-math option. A build
+    that cannot be checked fails: its library is not used."""
+    try:
+        texts = preprocessed.preprocessed_sources(build_dir, PREPROCESS_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError, preprocessed.PreprocessingError) as err:
+        raise RuntimeError(f"Error building extension '{name}': it compiled, but its sources could not be "
+                           f"preprocessed to check them for fast math: {err}") from None
+    return [line for text in texts for line in _fast_math_lines(text)]
+
+
+def _fast_math_lines(code: str) -> list[str]:
+    """The lines of comment-free code that name a fast-math option."""
+    code = _ADJACENT_LITERALS.sub("", code)
+    lines = []
+    for start in sorted({code.rfind("\n", 0, match.start()) + 1 for match in FAST_MATH_WORDS.finditer(code)}):
+        end = code.find("\n", start)
+        lines.append(code[start:end if end >= 0 else None].strip())
+    return lines
 
 
 def _count_calls(module, ledger: ExtensionLedger) -> None:

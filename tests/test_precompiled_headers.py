@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_TASKS, ROOT
+from conftest import EXAMPLE_TASKS, ROOT, verified_but_for_host_load
 from evo.config import VerifyPolicy
 from evo.evaluator import verify
 from evo.precompiled_headers import PROMPT_FORMAT_SPEC
@@ -77,16 +77,17 @@ def test_a_search_makes_the_header_and_builds_use_it_to_the_same_object(tmp_path
         made = session.headers.replies
         (with_header / "extensions").rename(with_header / "first-extensions")  # build it again
         verdict = verify(RELU, HONEST, policy, with_header, session)
-    assert first.verdict == "verified", first.summary
+    # The header compiles beside the first verification's timing: only the build is at stake here.
+    assert verified_but_for_host_load(first), first.summary
     assert "precompiled" not in next(check.detail for check in first.checks if check.name == "build")
     assert [reply.get("built") for reply in made] == [True], made
     assert len(list((with_header / "headers").glob(f"*/{precompiled.HEADER}.gch"))) == 1
-    assert verdict.verdict == "verified", verdict.summary
+    assert verified_but_for_host_load(verdict), verdict.summary
     assert "precompiled" in next(check.detail for check in verdict.checks if check.name == "build")
 
     plain_policy = VerifyPolicy(**POLICY, precompiled_headers=False)
     plain = verify(RELU, HONEST, plain_policy, without)
-    assert plain.verdict == "verified", plain.summary
+    assert verified_but_for_host_load(plain), plain.summary
     assert "precompiled" not in next(check.detail for check in plain.checks if check.name == "build")
     code = built_code(with_header, tmp_path)
     assert code and code == built_code(without, tmp_path)

@@ -31,7 +31,7 @@ def honest_source() -> str:
 def build_key(**kwargs) -> str:
     """The entry name the evaluator's build hook gives these arguments (sandbox/hooks.py)."""
     hooks = sys.modules["hooks"]
-    return hooks._entry_name("load_inline", NAME, kwargs, hooks._flags_of(kwargs))
+    return hooks._entry_name("load_inline", NAME, kwargs, hooks._flags_of(kwargs), False)
 
 
 GOOD = honest_source()

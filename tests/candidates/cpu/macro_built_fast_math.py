@@ -1,7 +1,8 @@
 """Cheat: fast math asked for in the source under a name built by macros. The option "Ofast"
 is pasted from two tokens and stringized, so no line of the source spells a fast-math option,
 and __attribute__((optimize(...))) applies it to the function; the extra_cflags are clean.
-Meant to be caught by: compiler_flags. The source is read as text, not preprocessed: a hole.
+Meant to be caught by: compiler_flags, once the build's sources are preprocessed (read as
+written, they show no such name).
 """
 
 import torch
