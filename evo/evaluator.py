@@ -16,8 +16,8 @@ from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, 
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
-from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, host_pace_warning,
-                        time_candidate, timer_consistency, warm_up)
+from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, failed_protocol_checks,
+                        host_pace_warning, time_candidate, warm_up)
 from evo.verdict import Timings, Verdict
 
 
@@ -333,12 +333,14 @@ class Evaluation:
             self.end_profiler()
             candidate = self.timed_calls(self.timed_seeds)
             protocol = self.calibrate()
-            if not timer_consistency(protocol, candidate, self.device.kind)[0].passed:
-                # A host that stalled the candidate's process looks like a tampered timer once;
-                # tampering shows every time. Fresh seeds, so no output of the first timing helps.
-                self.warnings.append("the candidate's first timing left more time outside its timer than allowed "
-                                     "(a stalled host, or a tampered timer); it was timed again on fresh inputs, "
-                                     "and that timing is judged")
+            failed = failed_protocol_checks(protocol, candidate, self.device.kind)
+            if failed:
+                # A stalled host looks like work hidden outside the timer once; hidden work shows every
+                # time. Fresh seeds, so no output of the first timing helps; all of the second timing
+                # is judged, so a candidate that stops hiding work then is timed doing it.
+                self.warnings.append(f"the candidate's first timing failed {' and '.join(failed)} (a stalled host, or "
+                                     "work hidden outside the timer); it was timed again on fresh inputs, and that "
+                                     "timing is judged")
                 candidate = self.timed_calls(self.reference.plan.seeds(new_seeds))
         except SubjectError as err:
             self.judgement.reject("runs", f"during timing: {err}")

@@ -258,6 +258,12 @@ def input_preparation(reference: Calibration, candidate: Samples) -> Check:
         f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms"))
 
 
+def failed_protocol_checks(reference: Calibration, candidate: Samples, device_kind: str) -> list[str]:
+    """The names of the timing protocol's own checks that a candidate's timing fails."""
+    checks = (timer_consistency(reference, candidate, device_kind)[0], input_preparation(reference, candidate))
+    return [check.name for check in checks if not check.passed]
+
+
 def host_pace_warning(median_ms: float, kernels: dict) -> str | None:
     """A warning when the candidate's timed calls were mostly its host launching kernels, from
     the kernels' device time in its one profiled call (`judgement.classify_kernels`)."""

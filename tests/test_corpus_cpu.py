@@ -166,12 +166,16 @@ def test_cheat_is_rejected_by_its_check(run_verify, candidate, task, meant, must
         assert name in passed_names(verdict), f"{name} should have passed (caught where meant); " + explain(verdict)
 
 
-def test_a_tampered_timer_is_timed_again_before_it_is_rejected(run_verify):
-    """A stalled host can look like a tampered timer once; the candidate is timed again on fresh
-    inputs, and the tampering shows the second time too."""
-    verdict = run_verify(RELU, CPU_CANDIDATES / "timer_patch.py", device="cpu")
-    assert "timer_consistency" in failed_names(verdict), explain(verdict)
-    assert any("timed again on fresh inputs" in warning for warning in verdict.warnings), verdict.warnings
+@pytest.mark.parametrize("candidate, task, check", [("timer_patch", RELU, "timer_consistency"),
+                                                     ("prepare_hook_padded", MATMUL, "input_preparation")])
+def test_work_hidden_outside_the_timer_is_timed_again_before_it_is_rejected(run_verify, candidate, task, check):
+    """A stalled host can look like a tampered timer, or like work done while inputs are made,
+    once; the candidate is timed again on fresh inputs, and the hidden work shows the second
+    time too."""
+    verdict = run_verify(task, CPU_CANDIDATES / f"{candidate}.py", device="cpu")
+    assert check in failed_names(verdict), explain(verdict)
+    assert any(f"failed {check}" in warning and "timed again on fresh inputs" in warning
+               for warning in verdict.warnings), verdict.warnings
 
 
 # ---- honest candidates -------------------------------------------------------------------------
