@@ -19,6 +19,9 @@ COMPILE_RULES = ("compile", "cuda_compile")
 _WRITING_WITH_VALUE = {"-o", "-MF", "-MT", "-MQ", "--dependency-output"}
 _WRITING = {"-c", "-MD", "-MMD", "-MP", "--generate-dependencies-with-compile"}
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+# Where a command names its source and its object: the source's path is put in after the command
+# is split (a path may hold spaces); the object's is never needed.
+_SOURCE, _OUTPUT = "\3source\3", "\3object\3"
 _LINE_MARKER = re.compile(r"^#\s*(?:line\s+)?\d+\s+\".*$", re.M)  # `# 12 "file.h"`: a path, not code
 
 
@@ -48,22 +51,32 @@ def compile_commands(ninja: str) -> list[list[str]]:
             rules[rule] = line.split("=", 1)[1].strip()
         elif line.startswith("build "):
             rule = None
-            outputs, _, inputs = line[len("build "):].partition(":")
-            used, *sources = inputs.split()
-            builds.extend((used, outputs.strip(), source) for source in sources)
+            # Paths escape a space as "$ " and a colon as "$:".
+            escaped = line[len("build "):].replace("$ ", "\1").replace("$:", "\2")
+            used, *sources = escaped.partition(":")[2].split()
+            builds.extend((used, _unescaped(source)) for source in sources)
         elif "=" in line and not line.startswith(" "):
             rule = None
             key, value = line.split("=", 1)
             variables[key.strip()] = value.strip()
     commands = []
-    for used, output, source in builds:
+    for used, source in builds:
         if used not in COMPILE_RULES or used not in rules:
             continue
-        expanded = _VARIABLE.sub(lambda m: {"in": source, "out": output}.get(m.group(1) or m.group(2),
-                                                                                 variables.get(m.group(1) or m.group(2), "")),
-                                 rules[used].replace("$$", "\0"))
-        commands.append(_without_outputs(shlex.split(expanded.replace("\0", "$")), source))
+        words = _expanded(rules[used], variables)
+        commands.append(_without_outputs([source if word == _SOURCE else word for word in words], source))
     return commands
+
+
+def _expanded(command: str, variables: dict) -> list[str]:
+    """A rule's command as its words, with the file's variables filled in."""
+    values = {**variables, "in": _SOURCE, "out": _OUTPUT}
+    text = _VARIABLE.sub(lambda match: values.get(match.group(1) or match.group(2), ""), command.replace("$$", "\0"))
+    return shlex.split(text.replace("\0", "$"))
+
+
+def _unescaped(path: str) -> str:
+    return path.replace("\1", " ").replace("\2", ":")
 
 
 def _without_outputs(arguments: list[str], source: str) -> list[str]:

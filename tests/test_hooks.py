@@ -64,10 +64,10 @@ def test_the_compile_commands_of_a_torch_build_are_read_without_what_they_write(
         tmp_path / "build.ninja", cflags=["-DNAME=probe", "-isystem /t/include"], post_cflags=["-O2"],
         cuda_cflags=["-DNAME=probe", "--compiler-options '-fPIC'"], cuda_post_cflags=["-gencode=arch=compute_90,code=sm_90"],
         cuda_dlink_post_cflags=None, sycl_cflags=None, sycl_post_cflags=None, sycl_dlink_post_cflags=None,
-        sources=["/b/main.cpp", "/b/cuda.cu"], objects=["main.o", "cuda.cuda.o"], ldflags=["-shared"],
+        sources=["/b/a dir/main.cpp", "/b/cuda.cu"], objects=["main.o", "cuda.cuda.o"], ldflags=["-shared"],
         library_target="probe.so", with_cuda=True, with_sycl=False)
     assert compile_commands((tmp_path / "build.ninja").read_text()) == [
-        ["c++", "-DNAME=probe", "-isystem", "/t/include", "-O2", "/b/main.cpp"],
+        ["c++", "-DNAME=probe", "-isystem", "/t/include", "-O2", "/b/a dir/main.cpp"],  # ninja wrote "a$ dir"
         ["/cuda/bin/nvcc", "-DNAME=probe", "--compiler-options", "-fPIC", "-gencode=arch=compute_90,code=sm_90",
          "/b/cuda.cu"],
     ]
