@@ -19,8 +19,8 @@ COMPILE_RULES = ("compile", "cuda_compile")
 _WRITING_WITH_VALUE = {"-o", "-MF", "-MT", "-MQ", "--dependency-output"}
 _WRITING = {"-c", "-MD", "-MMD", "-MP", "--generate-dependencies-with-compile"}
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-# Where a command names its source and its object: the source's path is put in after the command
-# is split (a path may hold spaces); the object's is never needed.
+# Where a command names its source and its object while its words are split (a path may hold
+# spaces): the source's path goes last once they are; the object's is never needed.
 _SOURCE, _OUTPUT = "\3source\3", "\3object\3"
 _LINE_MARKER = re.compile(r"^#\s*(?:line\s+)?\d+\s+\".*$", re.M)  # `# 12 "file.h"`: a path, not code
 
@@ -63,8 +63,7 @@ def compile_commands(ninja: str) -> list[list[str]]:
     for used, source in builds:
         if used not in COMPILE_RULES or used not in rules:
             continue
-        words = _expanded(rules[used], variables)
-        commands.append(_without_outputs([source if word == _SOURCE else word for word in words], source))
+        commands.append(_without_outputs(_expanded(rules[used], variables), source))
     return commands
 
 
@@ -79,13 +78,14 @@ def _unescaped(path: str) -> str:
     return path.replace("\1", " ").replace("\2", ":")
 
 
-def _without_outputs(arguments: list[str], source: str) -> list[str]:
+def _without_outputs(words: list[str], source: str) -> list[str]:
+    """A command's words without those that write files, and with the source's path last."""
     kept, skip = [], False
-    for argument in arguments:
+    for word in words:
         if skip:
             skip = False
-        elif argument in _WRITING_WITH_VALUE:
+        elif word in _WRITING_WITH_VALUE:
             skip = True
-        elif argument not in _WRITING and argument != source:
-            kept.append(argument)
+        elif word not in _WRITING and word != _SOURCE:
+            kept.append(word)
     return [*kept, source]
