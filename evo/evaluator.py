@@ -329,7 +329,8 @@ class Evaluation:
         if time.monotonic() - self.session.last_timed > STILL_WARM_S:
             self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
-            warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True)
+            warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True,
+                    self.device.kind)
             self.end_profiler()
             candidate = self.timed_calls(self.timed_seeds)
             protocol = self.calibrate()
@@ -353,11 +354,12 @@ class Evaluation:
                              policy.allow_reduced_precision)
 
     def calibrate(self) -> Calibration:
-        return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s)
+        return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s,
+                                            self.device.kind)
 
     def timed_calls(self, seeds: list[list[int]]) -> Samples:
         return time_candidate(self.runner, self.checker, self.flusher, seeds, self.exchange_bytes,
-                              self.policy.call_timeout_s, lambda checks: self.judgement.record_all(checks, "a timed call"),
+                              self.policy.call_timeout_s, self.device.kind, lambda checks: self.judgement.record_all(checks, "a timed call"),
                               lambda details, reply: self.judge_details(details, reply, "a timed call"))
 
     def await_candidate_processes(self) -> None:

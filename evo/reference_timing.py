@@ -24,19 +24,19 @@ def measure(checker: SandboxProcess, flusher: SandboxProcess, policy: VerifyPoli
     timeout = policy.call_timeout_s
     flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
     try:
-        warm = warm_up(checker, flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False)
+        warm = warm_up(checker, flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False, device.kind)
         timed_plan = plan(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls,
                           device.max_window)
         out_bytes = sum(meta["nbytes"] for meta in facts["outputs"])
         keep = timed_plan.window * timed_plan.windows * out_bytes <= policy.expected_memory_bytes
         timed_seeds = timed_plan.seeds(new_seeds)
-        samples = time_reference(checker, flusher, timed_seeds, "eager", keep, timeout)
+        samples = time_reference(checker, flusher, timed_seeds, "eager", keep, timeout, device.kind)
         compile_stats = None
         if policy.compile_baseline:
             warm_up(checker, flusher, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
-                    policy.load_timeout_s, False)
+                    policy.load_timeout_s, False, device.kind)
             compile_stats = time_reference(checker, flusher, timed_plan.seeds(new_seeds), "compile", False,
-                                           timeout).stats()
+                                           timeout, device.kind).stats()
     except SubjectError as err:
         raise EvaluatorError(f"timing the reference failed: {err}") from None
     return ReferenceTiming(samples=samples, stats=samples.stats(), compile_stats=compile_stats, plan=timed_plan,
@@ -44,14 +44,14 @@ def measure(checker: SandboxProcess, flusher: SandboxProcess, policy: VerifyPoli
 
 
 def recalibrate(checker: SandboxProcess, flusher: SandboxProcess, reference: ReferenceTiming,
-                timeout: float) -> Calibration:
+                timeout: float, device_kind: str) -> Calibration:
     """A few of the reference's windows again, beside a candidate's: what the protocol costs is
     the least the reference showed, then or now. A candidate's code cannot lower it (it can only
     slow the reference), and a reference timed while the host was busy (or reused from such a
     timing) no longer lets a timer hide that much."""
     windows = reference.plan.seeds(new_seeds)[:RECALIBRATION_WINDOWS]
     try:
-        again = time_reference(checker, flusher, windows, "eager", False, timeout)
+        again = time_reference(checker, flusher, windows, "eager", False, timeout, device_kind)
     except SubjectError as err:
         raise EvaluatorError(f"timing the reference again failed: {err}") from None
     return calibration(reference.samples, again)

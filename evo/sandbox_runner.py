@@ -275,6 +275,37 @@ class SandboxProcess:
             how = f"exited with code {code}"
         raise SandboxFailure("crashed", f"the {self.label} {how}{crash_hint(self.stderr.text())}", self.label)
 
+    # ---- holding still -----------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """Stop every thread of the sandbox (SIGSTOP to its process group and to all it forked),
+        while the parent has other work done between two of its requests: a thread left running
+        there could compute what the next request asks for where no clock of the protocol sees it."""
+        self._signal_all(signal.SIGSTOP)
+
+    def release(self) -> None:
+        self._signal_all(signal.SIGCONT)
+
+    def _signal_all(self, signum: int) -> None:
+        if not self.running():
+            return
+        root = self.proc.pid
+        targets, stack = set(), [root]
+        while stack:
+            pid = stack.pop()
+            if pid not in targets:
+                targets.add(pid)
+                stack.extend(live_sandboxes.children(pid))
+        try:
+            os.killpg(root, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in targets:
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     # ---- ending -----------------------------------------------------------------------------
 
     def stop(self) -> None:

@@ -2,7 +2,7 @@
 
 Calls are timed in windows of K. The subject makes K fresh input sets from seeds it learns
 only now (the parent times this too); the trusted flusher process evicts the device cache, so
-every call reads inputs that nothing has touched since; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
+every call reads inputs that nothing has touched since, while the subject is held still; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
 device events around each, synchronizes the whole device again, and replies with its times
 and a checksum of all outputs as they were then. The parent stops its clock at that reply. The outputs follow and the
 checker judges every one of them.
@@ -31,10 +31,12 @@ from evo.verdict import Check, TimingStats
 # jitter is small against it; but never more than MAX_WINDOW calls.
 WINDOW_TARGET_MS = 2.0
 MAX_WINDOW = 32
-# Unaccounted time per window may exceed the reference's by (milliseconds, fraction of the
-# reference's) before the candidate's timer is disbelieved: this bounds what a tampered timer
-# hides. On an H200, honest candidates landed within 0.13 ms of the reference per 32-call
-# window with about 2.2 ms unaccounted; on a loaded 2-core CPU, within 0.3 ms per call.
+# Time per window that the parent's clock sees outside the candidate's timer, during the run or
+# while its inputs are made, may exceed the reference's by (milliseconds, fraction of the
+# reference's) before the excess is charged to the candidate: this bounds what a tampered timer,
+# or work done while the inputs are made, hides. On an H200, honest candidates landed within
+# 0.13 ms of the reference per 32-call window with about 2.2 ms unaccounted; on a loaded 2-core
+# CPU, within 0.3 ms per call.
 OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 # Beyond the slack, unaccounted time is charged to the candidate (a loaded host makes some
 # honestly); it is rejected as tampering when it exceeds the slack by more than all the work
@@ -42,9 +44,14 @@ OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 # candidates on a loaded H200 host went up to 0.25 ms past the slack, timer cheats 5 ms and more.
 TAMPERING_MS = {"cuda": 1.0, "cpu": 0.2}
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
-# Making a window's inputs may take the candidate's process this much longer than the reference's.
+# Making a window's inputs may take the candidate's process this much longer than the reference's
+# before it is rejected (within it, the excess beyond OVERHEAD_SLACK is charged).
 PREPARE_FACTOR = 2.0
 PREPARE_SLACK_MS = 1.0
+# Whether the parent's clock for a window's run covers the flush before it: on a GPU, work a
+# held subject left queued on its device delays the flush; on a CPU, a held subject does no
+# work, and a flush takes milliseconds whose jitter would only blur the run's.
+FLUSH_IN_RUN_CLOCK = {"cuda": True, "cpu": False}
 # A call whose kernels keep the device busy for less than this share of it is paced by the host
 # launching them, and a host's pace moves between verifications far more than a device's.
 HOST_PACED_SHARE = 0.5
@@ -146,17 +153,26 @@ def expect(reply: dict, doing: str) -> dict:
 
 
 def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
-                 timeout: float) -> tuple[dict, float, float]:
+                 timeout: float, device_kind: str) -> tuple[dict, float, float]:
     """One window under the protocol: the subject's reply, and the parent's milliseconds for the
     run and for the making of the inputs (where a subject could hide work, such as computing
-    the answers)."""
+    the answers).
+
+    The subject is held still while the flusher works, so no thread of it computes there. Its
+    device is not held: on a GPU, work it left queued runs on and delays the flush, so there
+    the run's clock starts before the flush."""
     started = time.perf_counter()
     expect(subject.request({"op": "prepare", "seeds": seeds}, timeout=timeout * len(seeds))[0], "making the inputs")
     prepare_ms = (subject.last_arrival - started) * 1e3
-    flusher.request({"op": "flush"}, timeout=timeout)
+    subject.hold()
+    try:
+        flush_started = time.perf_counter()
+        flusher.request({"op": "flush"}, timeout=timeout)
+    finally:
+        subject.release()
     # The clock starts before the message leaves: were this process preempted between the two,
     # a clock started after could miss part of the window and make the subject's timer look slow.
-    started = time.perf_counter()
+    started = flush_started if FLUSH_IN_RUN_CLOCK[device_kind] else time.perf_counter()
     subject.send(run_message, timeout=timeout * len(seeds))
     reply, _ = subject.receive(timeout * len(seeds))
     elapsed = expect(reply, "the call").get("elapsed_ms")
@@ -167,17 +183,18 @@ def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[i
 
 
 def time_reference(checker: SandboxProcess, flusher: SandboxProcess, windows: list[list[int]], model: str,
-                   keep_expected: bool, timeout: float) -> Samples:
+                   keep_expected: bool, timeout: float, device_kind: str) -> Samples:
     samples = Samples()
     for seeds in windows:
         reply, wall, prepare = timed_window(checker, flusher, seeds, {"op": "run", "model": model,
-                                                                      "keep_expected": keep_expected}, timeout)
+                                                                      "keep_expected": keep_expected}, timeout,
+                                            device_kind)
         samples.add_window(reply["elapsed_ms"], wall, prepare)
     return samples
 
 
 def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: SandboxProcess,
-                   windows: list[list[int]], exchange_bytes: int, timeout: float,
+                   windows: list[list[int]], exchange_bytes: int, timeout: float, device_kind: str,
                    judge: Callable[[list[dict]], None], judge_details: Callable[[dict, dict], None]) -> Samples:
     """Time the candidate on the given windows of seeds. What the candidate says of its outputs
     goes to `judge_details`; the outputs themselves go to the checker through the exchange
@@ -185,7 +202,7 @@ def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: 
     samples = Samples()
     run = {"op": "run", "send_outputs": True, "exchange_bytes": exchange_bytes}
     for seeds in windows:
-        reply, wall, prepare = timed_window(candidate, flusher, seeds, run, timeout)
+        reply, wall, prepare = timed_window(candidate, flusher, seeds, run, timeout, device_kind)
         details, _ = candidate.receive(timeout)
         expect(details, "describing the outputs")
         samples.add_window(reply["elapsed_ms"], wall, prepare)
@@ -204,11 +221,11 @@ def exchanged(details: dict, reply: dict, exchange_bytes: int) -> dict:
 
 
 def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
-            timeout: float, drain_details: bool) -> list[float]:
+            timeout: float, drain_details: bool, device_kind: str) -> list[float]:
     """Calls whose times are thrown away (module loading, JIT compilation, allocator growth)."""
     times = []
     for seed in seeds:
-        reply, _, _ = timed_window(subject, flusher, [seed], run_message, timeout)
+        reply, _, _ = timed_window(subject, flusher, [seed], run_message, timeout, device_kind)
         if drain_details:
             expect(subject.receive(timeout)[0], "describing the outputs")
         times.extend(reply["elapsed_ms"])
@@ -244,23 +261,35 @@ def timer_consistency(reference: Calibration, candidate: Samples, device_kind: s
         f"reference {ref_overhead:.4f} ms)")), 0.0
 
 
-def input_preparation(reference: Calibration, candidate: Samples) -> Check:
-    """Making a window's inputs runs the task's own generator in both subjects; a candidate that
-    takes far longer is doing work there that its timer does not see. The bound is loose, since
-    generating inputs on a busy host jitters by milliseconds."""
+def input_preparation(reference: Calibration, candidate: Samples, device_kind: str) -> tuple[Check, float]:
+    """Making a window's inputs runs the task's own generator in both subjects; time the
+    candidate's process takes beyond the reference's is work its timer does not see (such as
+    computing the answers). Returns the check and the milliseconds per call charged, as
+    timer_consistency does: the rejection's bound is loose, since generating inputs on a busy
+    host jitters by milliseconds, so below it the excess is charged, and hiding work there
+    never pays beyond the slack."""
     ref_ms, cand_ms = reference.prepare_ms, candidate.prepare_ms()
     allowed = PREPARE_FACTOR * ref_ms + PREPARE_SLACK_MS
     if cand_ms > allowed:
         return Check(name="input_preparation", passed=False, detail=(
             f"making a window's inputs took the candidate's process {cand_ms:.3f} ms, the reference's {ref_ms:.3f} ms "
-            f"(allowed {allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer"))
+            f"(allowed {allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer")), 0.0
+    slack_ms, slack_fraction = OVERHEAD_SLACK[device_kind]
+    calls = len(candidate.event_ms) // len(candidate.window_prepare_ms)
+    charged = max(0.0, cand_ms - ref_ms - slack_ms - slack_fraction * ref_ms) / calls
+    if charged:
+        return Check(name="input_preparation", passed=True, detail=(
+            f"making inputs took {cand_ms:.3f} ms per window of {calls} calls, the reference's {ref_ms:.3f} ms; the "
+            f"excess beyond {slack_ms + slack_fraction * ref_ms:.3f} ms, {charged:.4f} ms per call, is added to the "
+            "candidate's time")), charged
     return Check(name="input_preparation", passed=True, detail=(
-        f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms"))
+        f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms")), 0.0
 
 
 def failed_protocol_checks(reference: Calibration, candidate: Samples, device_kind: str) -> list[str]:
     """The names of the timing protocol's own checks that a candidate's timing fails."""
-    checks = (timer_consistency(reference, candidate, device_kind)[0], input_preparation(reference, candidate))
+    checks = (timer_consistency(reference, candidate, device_kind)[0],
+              input_preparation(reference, candidate, device_kind)[0])
     return [check.name for check in checks if not check.passed]
 
 
