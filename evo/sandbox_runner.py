@@ -10,6 +10,7 @@ No threads: one selector loop drains the child's output while frames come and go
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import resource
@@ -111,6 +112,7 @@ class SandboxProcess:
         self.last_arrival = 0.0
         self.next_memory_check = 0.0
         self.timeout = 0.0  # of the exchange under way, for the message if it runs out
+        self.held: list[int] = []  # the processes `hold` stopped, until `release`
 
     def start(self) -> "SandboxProcess":
         child_read, parent_write = os.pipe()
@@ -281,30 +283,32 @@ class SandboxProcess:
         """Stop every thread of the sandbox (SIGSTOP to its process group and to all it forked),
         while the parent has other work done between two of its requests: a thread left running
         there could compute what the next request asks for where no clock of the protocol sees it."""
-        self._signal_all(signal.SIGSTOP)
+        self.held = self._processes() if self.running() else []
+        self._signal(self.held, signal.SIGSTOP)
 
     def release(self) -> None:
-        self._signal_all(signal.SIGCONT)
+        """Continue what `hold` stopped (the tree is not walked again: a stopped process forks nothing)."""
+        self._signal(self.held, signal.SIGCONT)
+        self.held = []
 
-    def _signal_all(self, signum: int) -> None:
-        if not self.running():
-            return
-        root = self.proc.pid
-        targets, stack = set(), [root]
+    def _processes(self) -> list[int]:
+        """The group's leader and every process under it."""
+        found, stack = [], [self.proc.pid]
         while stack:
             pid = stack.pop()
-            if pid not in targets:
-                targets.add(pid)
+            if pid not in found:
+                found.append(pid)
                 stack.extend(live_sandboxes.children(pid))
-        try:
-            os.killpg(root, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in targets:
-            try:
+        return found
+
+    def _signal(self, pids: list[int], signum: int) -> None:
+        if not pids:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pids[0], signum)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     # ---- ending -----------------------------------------------------------------------------
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from evo.sandbox import harness
+from evo.sandbox_runner import SandboxProcess
 from evo.timing import (Samples, calibration, host_pace_warning, input_preparation, timer_consistency,
                         window_allocations)
 
@@ -133,3 +140,47 @@ def test_a_checksum_on_the_gpu_is_the_checksum_of_the_same_bytes_on_the_host():
     changed = [tensor.clone() for tensor in on_gpu]
     changed[0][0, 17] += 1
     assert harness.checksum(changed) != harness.checksum(on_gpu)
+
+
+CHILD_COUNTING = r"""
+import os, sys, threading, time
+def count(path):
+    n = 0
+    while True:
+        n += 1
+        with open(path, "w") as sink:
+            sink.write(str(n))
+        time.sleep(0.001)
+if os.fork() == 0:  # a process under it, counting too
+    count(sys.argv[2])
+threading.Thread(target=count, args=(sys.argv[1],), daemon=True).start()
+time.sleep(60)
+"""
+
+
+def test_a_held_sandbox_does_nothing_until_it_is_released(tmp_path):
+    """The subject is held while the flusher works: no thread of it, nor of a process it forked,
+    may run there."""
+    counters = [tmp_path / "thread", tmp_path / "forked"]
+    child = subprocess.Popen([sys.executable, "-c", CHILD_COUNTING, *map(str, counters)], start_new_session=True)
+    process = SandboxProcess.__new__(SandboxProcess)  # only the process handle is needed to hold it
+    process.proc, process.held = child, []
+
+    def counts() -> list[int]:
+        return [int(path.read_text() or 0) if path.exists() else 0 for path in counters]
+
+    try:
+        deadline = time.monotonic() + 10
+        while min(counts()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.hold()
+        time.sleep(0.05)  # a write under way when the signal came may still land
+        held = counts()
+        time.sleep(0.3)
+        assert counts() == held and min(held) >= 5
+        process.release()
+        time.sleep(0.3)
+        assert all(after > before for after, before in zip(counts(), held)), (counts(), held)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
