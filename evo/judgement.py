@@ -155,10 +155,9 @@ class Judgement:
     def timed(self, reference: Calibration, candidate: Samples, timings: Timings, facts: dict, device,
               allow_reduced_precision: bool) -> None:
         self.passed("runs", "every call completed")
-        consistency, outside_timer_ms = timer_consistency(reference, candidate, device.kind)
-        preparation, preparing_ms = input_preparation(reference, candidate, device.kind)
-        timings.candidate = candidate.stats(outside_timer_ms + preparing_ms)
-        for check in (consistency, preparation):
+        consistency, charged_ms = timer_consistency(reference, candidate, device.kind)
+        timings.candidate = candidate.stats(charged_ms)
+        for check in (consistency, input_preparation(reference, candidate)):
             self.by_name[check.name] = check
         self.roofline = roofline(facts, timings.candidate.median_ms, device, allow_reduced_precision)
         limit = self.roofline.speed_of_light_ms

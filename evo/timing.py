@@ -31,12 +31,10 @@ from evo.verdict import Check, TimingStats
 # jitter is small against it; but never more than MAX_WINDOW calls.
 WINDOW_TARGET_MS = 2.0
 MAX_WINDOW = 32
-# Time per window that the parent's clock sees outside the candidate's timer, during the run or
-# while its inputs are made, may exceed the reference's by (milliseconds, fraction of the
-# reference's) before the excess is charged to the candidate: this bounds what a tampered timer,
-# or work done while the inputs are made, hides. On an H200, honest candidates landed within
-# 0.13 ms of the reference per 32-call window with about 2.2 ms unaccounted; on a loaded 2-core
-# CPU, within 0.3 ms per call.
+# Unaccounted time per window may exceed the reference's by (milliseconds, fraction of the
+# reference's) before the candidate's timer is disbelieved: this bounds what a tampered timer
+# hides. On an H200, honest candidates landed within 0.13 ms of the reference per 32-call
+# window with about 2.2 ms unaccounted; on a loaded 2-core CPU, within 0.3 ms per call.
 OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 # Beyond the slack, unaccounted time is charged to the candidate (a loaded host makes some
 # honestly); it is rejected as tampering when it exceeds the slack by more than all the work
@@ -44,8 +42,9 @@ OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 # candidates on a loaded H200 host went up to 0.25 ms past the slack, timer cheats 5 ms and more.
 TAMPERING_MS = {"cuda": 1.0, "cpu": 0.2}
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
-# Making a window's inputs may take the candidate's process this much longer than the reference's
-# before it is rejected (within it, the excess beyond OVERHEAD_SLACK is charged).
+# Making a window's inputs may take the candidate's process this much longer than the reference's.
+# Not charged below that: on an idle H200, honest candidates' forked processes made their inputs
+# 30-90% slower than the reference's checker (session 18), for a cause not found yet.
 PREPARE_FACTOR = 2.0
 PREPARE_SLACK_MS = 1.0
 # Whether the parent's clock for a window's run covers the flush before it: on a GPU, work a
@@ -261,35 +260,23 @@ def timer_consistency(reference: Calibration, candidate: Samples, device_kind: s
         f"reference {ref_overhead:.4f} ms)")), 0.0
 
 
-def input_preparation(reference: Calibration, candidate: Samples, device_kind: str) -> tuple[Check, float]:
-    """Making a window's inputs runs the task's own generator in both subjects; time the
-    candidate's process takes beyond the reference's is work its timer does not see (such as
-    computing the answers). Returns the check and the milliseconds per call charged, as
-    timer_consistency does: the rejection's bound is loose, since generating inputs on a busy
-    host jitters by milliseconds, so below it the excess is charged, and hiding work there
-    never pays beyond the slack."""
+def input_preparation(reference: Calibration, candidate: Samples) -> Check:
+    """Making a window's inputs runs the task's own generator in both subjects; a candidate that
+    takes far longer is doing work there that its timer does not see. The bound is loose, since
+    generating inputs on a busy host jitters by milliseconds."""
     ref_ms, cand_ms = reference.prepare_ms, candidate.prepare_ms()
     allowed = PREPARE_FACTOR * ref_ms + PREPARE_SLACK_MS
     if cand_ms > allowed:
         return Check(name="input_preparation", passed=False, detail=(
             f"making a window's inputs took the candidate's process {cand_ms:.3f} ms, the reference's {ref_ms:.3f} ms "
-            f"(allowed {allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer")), 0.0
-    slack_ms, slack_fraction = OVERHEAD_SLACK[device_kind]
-    calls = len(candidate.event_ms) // len(candidate.window_prepare_ms)
-    charged = max(0.0, cand_ms - ref_ms - slack_ms - slack_fraction * ref_ms) / calls
-    if charged:
-        return Check(name="input_preparation", passed=True, detail=(
-            f"making inputs took {cand_ms:.3f} ms per window of {calls} calls, the reference's {ref_ms:.3f} ms; the "
-            f"excess beyond {slack_ms + slack_fraction * ref_ms:.3f} ms, {charged:.4f} ms per call, is added to the "
-            "candidate's time")), charged
+            f"(allowed {allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer"))
     return Check(name="input_preparation", passed=True, detail=(
-        f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms")), 0.0
+        f"making inputs took {cand_ms:.3f} ms per window, the reference's {ref_ms:.3f} ms"))
 
 
 def failed_protocol_checks(reference: Calibration, candidate: Samples, device_kind: str) -> list[str]:
     """The names of the timing protocol's own checks that a candidate's timing fails."""
-    checks = (timer_consistency(reference, candidate, device_kind)[0],
-              input_preparation(reference, candidate, device_kind)[0])
+    checks = (timer_consistency(reference, candidate, device_kind)[0], input_preparation(reference, candidate))
     return [check.name for check in checks if not check.passed]
 
 

@@ -263,15 +263,18 @@ def test_prepare_hook_on_a_launch_bound_task(run_verify):
 
 
 @pytest.mark.gpu
-def test_device_work_queued_before_the_flush_buys_no_speedup(run_verify):
+@pytest.mark.xfail(strict=False, reason=(
+    "hole: work done while the inputs are made is bounded only by input_preparation's loose bound (twice the "
+    "reference's time + 1 ms); charging the excess below it, as time outside the timer is, would also charge "
+    "honest candidates, whose forked processes made their inputs 30-90% slower than the reference's checker "
+    "on an idle H200 (session 18). Verified at 2.14x, 2.10x, 1.95x and 2.30x"))
+def test_device_work_queued_as_the_inputs_are_made_buys_no_speedup(run_verify):
     """flush_window_kernels queues the task's own work on a side stream as the input
-    preparation replies, to run while the trusted flusher works: verified at 2.14x and 2.10x the
-    eager reference on the H200 before that time was counted. The subject's host is held still
-    during the flush, its device's queued work delays the flush, which lies inside the run's
-    clock on a GPU, and the time its inputs took beyond the reference's is charged: what is left
-    is the protocol's slack (1.20x to 1.46x in three runs, the README's list of holes)."""
+    preparation replies, to run while the trusted flusher works. The subject's host is held still
+    during the flush, and on a GPU the flush lies inside the run's clock, so what its device still
+    runs then shows; but most of the work lands in the input making's time, within its bound."""
     verdict = run_verify(MATMUL, CUDA_CANDIDATES / "flush_window_kernels.py", device="cuda", **MATMUL_POLICY)
-    assert verdict.verdict == "rejected" or verdict.speedup < 1.8, explain(verdict)
+    assert verdict.verdict == "rejected" or verdict.speedup < 1.5, explain(verdict)
 
 
 @pytest.mark.gpu

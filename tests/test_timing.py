@@ -51,29 +51,16 @@ def test_a_quiet_timing_of_the_reference_beside_the_busy_one_catches_the_timer()
 
 
 def test_work_hidden_in_input_making_is_judged_against_the_quiet_timing():
-    assert input_preparation(calibration(BUSY_REFERENCE), HIDING_IN_INPUTS, "cuda")[0].passed
-    check, _ = input_preparation(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_IN_INPUTS, "cuda")
+    assert input_preparation(calibration(BUSY_REFERENCE), HIDING_IN_INPUTS).passed
+    check = input_preparation(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_IN_INPUTS)
     assert not check.passed and "outside its timer" in check.detail
-
-
-def test_work_hidden_in_input_making_within_the_bound_is_charged_to_the_candidate():
-    """Below the rejection's loose bound, what input making takes beyond the reference's and the
-    slack is added to each call: hiding work there cannot buy a speedup."""
-    protocol = calibration(QUIET_REFERENCE)
-    hiding = windows(0.1, outside_ms=1.0, prepare_ms=2.0 + 0.3 * CALLS)  # 0.3 ms of each call's work moved there
-    check, charged_ms = input_preparation(protocol, hiding, "cuda")
-    slack_ms = 0.1 + 0.15 * 2.0
-    assert check.passed and "is added to the candidate's time" in check.detail
-    assert charged_ms == pytest.approx(0.3 - slack_ms / CALLS)
-    assert input_preparation(protocol, hiding, "cpu")[1] == pytest.approx(0.3 - (0.4 + 0.25 * 2.0) / CALLS)
 
 
 def test_an_honest_candidate_beside_a_quiet_reference_passes():
     honest = windows(0.2, outside_ms=1.05, prepare_ms=2.1)
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
-    assert input_preparation(protocol, honest, "cuda")[0].passed
-    assert input_preparation(protocol, honest, "cuda")[1] == 0.0
+    assert input_preparation(protocol, honest).passed
 
 
 def test_a_call_mostly_spent_launching_is_flagged_as_host_paced():
@@ -148,8 +135,9 @@ def count(path):
     n = 0
     while True:
         n += 1
-        with open(path, "w") as sink:
+        with open(path + ".new", "w") as sink:
             sink.write(str(n))
+        os.replace(path + ".new", path)  # whole, even where a stop lands between the two
         time.sleep(0.001)
 if os.fork() == 0:  # a process under it, counting too
     count(sys.argv[2])

@@ -6,8 +6,9 @@ write its buffer, and forward returns a copy of the stored answer (a few microse
 small task, above the speed of light).
 Caught by: the protocol itself, not one check. The subject is held still (SIGSTOP) while the
 flusher works, so the thread computes only where the parent's clocks see it (input_preparation,
-timer_consistency, charged or rejected) or beside the timed calls, which it slows: it buys no
-speedup (test_work_done_while_the_cache_is_flushed_buys_no_speedup).
+timer_consistency) or beside the timed calls, which it slows: it buys no speedup beyond what a
+thread answering later calls on the other core gains
+(test_work_done_while_the_cache_is_flushed_buys_no_speedup).
 """
 
 import sys
