@@ -329,8 +329,8 @@ class Evaluation:
         if time.monotonic() - self.session.last_timed > STILL_WARM_S:
             self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
-            warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s, True,
-                    self.device.kind)
+            warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s,
+                    True, self.device.kind)
             self.end_profiler()
             candidate = self.timed_calls(self.timed_seeds)
             protocol = self.calibrate()
@@ -359,7 +359,8 @@ class Evaluation:
 
     def timed_calls(self, seeds: list[list[int]]) -> Samples:
         return time_candidate(self.runner, self.checker, self.flusher, seeds, self.exchange_bytes,
-                              self.policy.call_timeout_s, self.device.kind, lambda checks: self.judgement.record_all(checks, "a timed call"),
+                              self.policy.call_timeout_s, self.device.kind,
+                              lambda checks: self.judgement.record_all(checks, "a timed call"),
                               lambda details, reply: self.judge_details(details, reply, "a timed call"))
 
     def await_candidate_processes(self) -> None:

@@ -1,11 +1,12 @@
 """The timing protocol, driven from the parent, and the statistics of its samples.
 
 Calls are timed in windows of K. The subject makes K fresh input sets from seeds it learns
-only now (the parent times this too); the trusted flusher process evicts the device cache, so
-every call reads inputs that nothing has touched since, while the subject is held still; the parent tells the subject to run; the subject synchronizes the whole device, runs the calls back to back with
-device events around each, synchronizes the whole device again, and replies with its times
-and a checksum of all outputs as they were then. The parent stops its clock at that reply. The outputs follow and the
-checker judges every one of them.
+only now (the parent times this too); the trusted flusher process evicts the device cache while
+the subject is held still, so every call reads inputs that nothing has touched since; the parent
+tells the subject to run; the subject synchronizes the whole device, runs the calls back to back
+with device events around each, synchronizes the whole device again, and replies with its times
+and a checksum of all outputs as they were then. The parent stops its clock at that reply. The
+outputs follow and the checker judges every one of them.
 
 The reference is timed by the same protocol, so the time it leaves outside its event windows
 calibrates the candidate's: a candidate whose timer under-reports, or whose work runs after

