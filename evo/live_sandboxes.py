@@ -64,6 +64,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def tree(root: int) -> list[int]:
+    """A process and every process under it, the root first."""
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.append(pid)
+            stack.extend(children(pid))
+    return found
+
+
 def kill_all() -> None:
     """Kill every sandbox this process has running, and refuse new ones (Ctrl-C in a search):
     the threads waiting on them see their sandbox end at once and return."""

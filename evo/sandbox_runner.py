@@ -283,23 +283,13 @@ class SandboxProcess:
         """Stop every thread of the sandbox (SIGSTOP to its process group and to all it forked),
         while the parent has other work done between two of its requests: a thread left running
         there could compute what the next request asks for where no clock of the protocol sees it."""
-        self.held = self._processes() if self.running() else []
+        self.held = live_sandboxes.tree(self.proc.pid) if self.running() else []
         self._signal(self.held, signal.SIGSTOP)
 
     def release(self) -> None:
         """Continue what `hold` stopped (the tree is not walked again: a stopped process forks nothing)."""
         self._signal(self.held, signal.SIGCONT)
         self.held = []
-
-    def _processes(self) -> list[int]:
-        """The group's leader and every process under it."""
-        found, stack = [], [self.proc.pid]
-        while stack:
-            pid = stack.pop()
-            if pid not in found:
-                found.append(pid)
-                stack.extend(live_sandboxes.children(pid))
-        return found
 
     def _signal(self, pids: list[int], signum: int) -> None:
         if not pids:
@@ -369,12 +359,8 @@ class SandboxProcess:
 
 def tree_resident_bytes(root: int) -> int:
     """Resident memory of a process and all its descendants, from /proc."""
-    total, stack, seen = 0, [root], set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    total = 0
+    for pid in live_sandboxes.tree(root):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -382,7 +368,6 @@ def tree_resident_bytes(root: int) -> int:
                     break
         except (OSError, ValueError):
             continue
-        stack.extend(live_sandboxes.children(pid))
     return total
 
 
