@@ -44,8 +44,9 @@ OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 TAMPERING_MS = {"cuda": 1.0, "cpu": 0.2}
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
 # Making a window's inputs may take the candidate's process this much longer than the reference's.
-# Not charged below that: on an idle H200, honest candidates' forked processes made their inputs
-# 30-90% slower than the reference's checker (session 18), for a cause not found yet.
+# Not charged below that: on an idle H200, honest candidates made their inputs 30-90% slower than
+# the reference's checker by the parent's clock (session 18); timed in the processes, 5-35%, forked
+# or not, every single operation 4-9% (session 19). Why is not found yet (README).
 PREPARE_FACTOR = 2.0
 PREPARE_SLACK_MS = 1.0
 # Whether the parent's clock for a window's run covers the flush before it: on a GPU, work a
@@ -75,12 +76,14 @@ class Samples:
         self.window_prepare_ms.append(prepare_ms)
 
     def dump(self, label: str) -> None:
-        """Per-window figures, for studying the protocol's jitter (EVO_TIMING_DUMP=FILE)."""
+        """Per-window figures, for studying the protocol's jitter and the input making's time
+        (EVO_TIMING_DUMP=FILE)."""
         path = os.environ.get("EVO_TIMING_DUMP")
         if path:
             with open(path, "a") as sink:
                 sink.write(json.dumps({"subject": label, "wall_ms": self.window_wall_ms,
-                                       "event_ms": self.window_event_ms, "calls": self.event_ms}) + "\n")
+                                       "event_ms": self.window_event_ms, "prepare_ms": self.window_prepare_ms,
+                                       "calls": self.event_ms}) + "\n")
 
     def stats(self, charged_ms: float = 0.0) -> TimingStats:
         ordered = sorted(ms + charged_ms for ms in self.event_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -61,6 +62,20 @@ def test_an_honest_candidate_beside_a_quiet_reference_passes():
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
     assert input_preparation(protocol, honest).passed
+
+
+def test_the_timing_dump_has_each_windows_figures_input_making_included(tmp_path, monkeypatch):
+    dump = tmp_path / "timing.jsonl"
+    monkeypatch.setenv("EVO_TIMING_DUMP", str(dump))
+    samples = Samples()
+    samples.add_window([0.5, 0.7], 3.0, 2.5)
+    samples.add_window([0.6, 0.6], 2.0, 4.0)
+    samples.dump("candidate")
+    samples.dump("again")
+    first, second = (json.loads(line) for line in dump.read_text().splitlines())
+    assert first == {"subject": "candidate", "wall_ms": [3.0, 2.0], "event_ms": [1.2, 1.2],
+                     "prepare_ms": [2.5, 4.0], "calls": [0.5, 0.7, 0.6, 0.6]}
+    assert second["subject"] == "again"
 
 
 def test_a_call_mostly_spent_launching_is_flagged_as_host_paced():
