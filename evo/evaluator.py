@@ -5,6 +5,7 @@ parent itself observed. The candidate's process never holds an expected output.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
 from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, failed_protocol_checks,
-                        host_pace_warning, time_candidate, warm_up)
+                        host_pace_warning, own_pace, time_candidate, warm_up)
 from evo.verdict import Timings, Verdict
 
 
@@ -26,6 +27,7 @@ TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
 STILL_WARM_S = 1.0
+OWN_PACE_WINDOWS = 5  # windows of inputs the candidate's process makes before its code is imported
 
 
 class Evaluation:
@@ -115,6 +117,7 @@ class Evaluation:
     def on_device(self) -> None:
         self.prepare_checker()
         self.time_reference()
+        self.time_own_pace()
         self.start_profiled_call()
         self.load_candidate()
         self.finish_profiled_call()  # its process ends during the trials
@@ -243,6 +246,22 @@ class Evaluation:
         self.exchange_bytes = self.reserve_exchange()
         self.timings.timing_s += time.monotonic() - started
 
+    def time_own_pace(self) -> None:
+        """Time the candidate's process making inputs before any candidate code is anywhere near
+        the device (the profiled call's process loads it next): its input making while timed is
+        held to this pace of its own. The previous turn's processes may still be ending: that can
+        only slow this pace, which loosens the bound, and waiting for them here would hold up the
+        loading that overlaps their end."""
+        started = time.monotonic()
+        loaded, _ = self.runner.request({**self.load_message(self.runner), "op": "task"},
+                                        timeout=self.policy.load_timeout_s)
+        if "error" in loaded:
+            self.judgement.reject("load", loaded["error"])
+        windows = [new_seeds(self.reference.plan.window) for _ in range(OWN_PACE_WINDOWS + 1)]
+        self.own_pace = own_pace(self.runner, windows, self.policy.call_timeout_s)
+        self.runner.request({"op": "forget_inputs"}, timeout=self.policy.load_timeout_s)
+        self.timings.timing_s += time.monotonic() - started
+
     def reserve_exchange(self) -> int:
         """Room in the exchange buffer for what a candidate's process hands back at once: a trial's
         outputs and inputs, or a timed window's outputs; twice that, so that outputs of a wrong
@@ -348,14 +367,16 @@ class Evaluation:
         finally:
             self.session.last_timed = time.monotonic()
         candidate.dump("candidate")
+        self.own_pace.dump("candidate before import")
         self.reference.samples.dump("reference")
         self.timings.timing_s += time.monotonic() - started
         self.judgement.timed(protocol, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
 
     def calibrate(self) -> Calibration:
-        return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s,
-                                            self.device.kind)
+        calibration = reference_timing.recalibrate(self.checker, self.flusher, self.reference,
+                                                   self.policy.call_timeout_s, self.device.kind)
+        return dataclasses.replace(calibration, own_prepare_ms=self.own_pace.prepare_ms())
 
     def timed_calls(self, seeds: list[list[int]]) -> Samples:
         return time_candidate(self.runner, self.checker, self.flusher, seeds, self.exchange_bytes,

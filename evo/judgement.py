@@ -157,7 +157,7 @@ class Judgement:
         self.passed("runs", "every call completed")
         consistency, charged_ms = timer_consistency(reference, candidate, device.kind)
         timings.candidate = candidate.stats(charged_ms)
-        for check in (consistency, input_preparation(reference, candidate)):
+        for check in (consistency, input_preparation(reference, candidate, device.kind)):
             self.by_name[check.name] = check
         self.roofline = roofline(facts, timings.candidate.median_ms, device, allow_reduced_precision)
         limit = self.roofline.speed_of_light_ms

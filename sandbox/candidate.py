@@ -41,6 +41,8 @@ class Runner:
         self.read_fd, self.write_fd = read_fd, write_fd
         self.exchange = exchange.Exchange(exchange_fd, writable=True)
         self.model = None
+        self.get_inputs = None  # the task's, once set up
+        self.reserved = False  # whether the allocator took a window's blocks ahead (`reserve`)
         self.window: list = []  # input sets of the next window of calls
         self.ledger = hooks.ExtensionLedger()
         self.pinned_flags: dict = {}
@@ -78,7 +80,30 @@ class Runner:
         prof.events()
         _write_frame(self.write_fd, {"ready": True})
 
+    def op_task(self, msg: dict) -> None:
+        """Load the task alone, so that inputs can be made here before any candidate code is: the
+        parent times this process's own pace at making them, which its input making while timed
+        is held to."""
+        self.set_up(msg)
+        _write_frame(self.write_fd, {"ok": True})
+
     def op_load(self, msg: dict) -> None:
+        if self.get_inputs is None:  # a process whose own pace is not timed (the profiled call's)
+            self.set_up(msg)
+        module = harness.import_file(msg["candidate"], "evo_candidate", "candidate")
+        model_class = getattr(module, "ModelNew", None)
+        if not isinstance(model_class, type):
+            raise harness.UserCodeError("the candidate file does not define class ModelNew")
+        init_inputs = harness.make_init_inputs(self.get_init_inputs)
+        harness.seed_everything(msg["init_seed"])
+        self.model = harness.call_user(lambda: model_class(*init_inputs), "ModelNew(*get_init_inputs())")
+        if isinstance(self.model, torch.nn.Module):
+            self.model = self.model.to(self.device)
+        _write_frame(self.write_fd, {"ok": True, "flags_changed": self.changed_flags(),
+                                     "extensions": self.ledger.extensions})
+
+    def set_up(self, msg: dict) -> None:
+        """The device, the pinned flags, the build hooks and the task: all but the candidate."""
         self.device = msg["device"]
         self.clock = harness.DeviceClock(self.device)
         self.clock_device = torch.device(self.device).type
@@ -86,20 +111,9 @@ class Runner:
         self.pinned_flags = harness.pin_numeric_flags(self.allow_reduced_precision)
         hooks.install(msg["extensions_cache"], msg["extensions_dir"], msg["allow_reduced_precision"], self.ledger,
                       msg.get("headers"))
-        _, self.get_inputs, get_init_inputs = harness.load_task(msg["task"])
+        _, self.get_inputs, self.get_init_inputs = harness.load_task(msg["task"])
         self.generate_on_device = msg["generate_on_device"]
         self.poison_sizes = msg["poison_sizes"]
-        module = harness.import_file(msg["candidate"], "evo_candidate", "candidate")
-        model_class = getattr(module, "ModelNew", None)
-        if not isinstance(model_class, type):
-            raise harness.UserCodeError("the candidate file does not define class ModelNew")
-        init_inputs = harness.make_init_inputs(get_init_inputs)
-        harness.seed_everything(msg["init_seed"])
-        self.model = harness.call_user(lambda: model_class(*init_inputs), "ModelNew(*get_init_inputs())")
-        if isinstance(self.model, torch.nn.Module):
-            self.model = self.model.to(self.device)
-        _write_frame(self.write_fd, {"ok": True, "flags_changed": self.changed_flags(),
-                                     "extensions": self.ledger.extensions})
 
     def changed_flags(self) -> list[str]:
         now = harness.read_numeric_flags()
@@ -114,9 +128,22 @@ class Runner:
         before the evaluation's turn on the device: a window's first allocations would otherwise
         be the driver's, which took tens of milliseconds each on an H200 host where other
         processes were starting. It only allocates: no kernel runs beside another's timing."""
+        self.reserved = True
         blocks = [torch.empty(nbytes, dtype=torch.uint8, device=msg["device"]) for nbytes in msg["sizes"]]
         del blocks
         _write_frame(self.write_fd, {"reserved_bytes": torch.cuda.memory_reserved(msg["device"])})
+
+    def op_forget_inputs(self, _msg: dict) -> None:
+        """Drop the inputs made to time this process's own pace, and leave the allocator's cache
+        as it was before them, so that the candidate's first calls meet the allocator they would
+        have met without them (a CUDA graph's capture empties the cache, and segments the memory
+        guard watched could come back as the graph's). Where `reserve` took a window's blocks,
+        the pace was timed in those very blocks, and they stay."""
+        self.window = []
+        if torch.cuda.is_initialized() and not self.reserved:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        _write_frame(self.write_fd, {"ok": True})
 
     def op_prepare(self, msg: dict) -> None:
         """Make the inputs of the next window of calls, one set per seed, all alive at once (so each

@@ -15,6 +15,7 @@ evaluator should do, so it starts failing (XPASS) the day the hole is closed; th
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,9 @@ import pytest
 from conftest import CPU_CANDIDATES, TASKS, failed_names
 from evo import isolation
 from evo.config import VerifyPolicy
-from evo.evaluator import verify
+from evo.evaluator import OWN_PACE_WINDOWS, verify
 from evo.sandbox.hooks import REDUCED_PRECISION_FLAGS
+from evo.timing import lower_quartile
 from evo.verdict import Verdict
 
 RELU = TASKS / "cpu_relu.py"  # 16 x 16384 fp32 (1 MiB)
@@ -178,6 +180,21 @@ def test_work_hidden_outside_the_timer_is_timed_again_before_it_is_rejected(run_
                for warning in verdict.warnings), verdict.warnings
 
 
+def test_the_pace_a_candidate_process_is_held_to_is_timed_before_its_code_is_imported(run_verify, tmp_path,
+                                                                                      monkeypatch):
+    """prepare_hook_padded makes every input making tens of milliseconds longer from the moment
+    it is imported; its process made inputs before that, and is held to that pace."""
+    dump = tmp_path / "timing.jsonl"
+    monkeypatch.setenv("EVO_TIMING_DUMP", str(dump))
+    verdict = run_verify(MATMUL, CPU_CANDIDATES / "prepare_hook_padded.py", device="cpu")
+    figures = {line["subject"]: line["prepare_ms"] for line in map(json.loads, dump.read_text().splitlines())}
+    before, timed = figures["candidate before import"], figures["candidate"]
+    assert len(before) == OWN_PACE_WINDOWS and max(before) < min(timed) / 5, figures
+    check = next(check for check in verdict.checks if check.name == "input_preparation")
+    assert not check.passed, explain(verdict)
+    assert f"its own {lower_quartile(before):.3f} ms before its code was imported" in check.detail, check.detail
+
+
 # ---- honest candidates -------------------------------------------------------------------------
 
 HONEST = [
@@ -236,13 +253,17 @@ def test_pointer_cache_gains_nothing(run_verify):
     assert verdict.timings.candidate.min_ms >= 5.0, explain(verdict)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "hole: the thread computes on the other core while the main thread makes the inputs and replies, where "
+    "neither clock of the parent sees a second core's work; on this project's 2-core machine in session 20 it "
+    "was verified at 2.07x, 0.65x, 0.44x and 1.66x at 3fb92b9, and at 1.36x (in the suite), 1.57x, 0.48x, "
+    "0.83x, 0.48x with the input making held to the process's own pace"))
 def test_work_done_while_the_cache_is_flushed_buys_no_speedup(run_verify):
     """flush_window_thread's thread computes the answers while the trusted flusher works, between
     the input preparation's reply and the run: verified at 1.40x and 1.52x the eager reference on
     this project's 2-core machine while nothing held the subject still there. Held, its thread
-    works only where the parent's clocks see it, or on the other core beside the timed calls,
-    answering some of the later calls of a window ahead of them: 0.73x to 1.20x in six runs, a
-    gain this bound leaves (the README's list of holes)."""
+    works only where the parent's clocks see it, or on the other core beside the input making and
+    the timed calls: 0.73x to 1.20x in six earlier runs, up to 2.07x in session 20."""
     verdict = run_verify(MATMUL_SMALL, CPU_CANDIDATES / "flush_window_thread.py", device="cpu")
     assert verdict.verdict == "rejected" or verdict.speedup < 1.3, explain(verdict)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,8 +53,8 @@ def test_a_quiet_timing_of_the_reference_beside_the_busy_one_catches_the_timer()
 
 
 def test_work_hidden_in_input_making_is_judged_against_the_quiet_timing():
-    assert input_preparation(calibration(BUSY_REFERENCE), HIDING_IN_INPUTS).passed
-    check = input_preparation(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_IN_INPUTS)
+    assert input_preparation(calibration(BUSY_REFERENCE), HIDING_IN_INPUTS, "cuda").passed
+    check = input_preparation(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_IN_INPUTS, "cuda")
     assert not check.passed and "outside its timer" in check.detail
 
 
@@ -61,7 +62,32 @@ def test_an_honest_candidate_beside_a_quiet_reference_passes():
     honest = windows(0.2, outside_ms=1.05, prepare_ms=2.1)
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
-    assert input_preparation(protocol, honest).passed
+    assert input_preparation(protocol, honest, "cuda").passed
+
+
+def test_input_making_is_held_to_the_candidate_process_own_pace_when_that_is_slower():
+    """A process's pace moves by tens of percent from one to the next: the candidate's process
+    made inputs before its code was imported, and that pace is the base when it is the slower."""
+    slow_process = windows(0.2, outside_ms=1.05, prepare_ms=4.2)
+    quiet = calibration(QUIET_REFERENCE)
+    assert not input_preparation(quiet, slow_process, "cuda").passed
+    check = input_preparation(dataclasses.replace(quiet, own_prepare_ms=4.0), slow_process, "cuda")
+    assert check.passed and "its own 4.000 ms before its code was imported" in check.detail
+    # Its own pace, not the reference's, then bounds what it may hide there.
+    check = input_preparation(dataclasses.replace(quiet, own_prepare_ms=4.0), HIDING_IN_INPUTS, "cuda")
+    assert not check.passed and "allowed 5.500 ms" in check.detail
+    # A process that was quicker than the reference before its code came is held to the reference's.
+    check = input_preparation(dataclasses.replace(quiet, own_prepare_ms=1.0), windows(0.2, 1.05, 2.8), "cuda")
+    assert check.passed and "allowed 2.900 ms" in check.detail
+    assert not input_preparation(dataclasses.replace(quiet, own_prepare_ms=1.0), windows(0.2, 1.05, 3.0), "cuda").passed
+
+
+def test_a_cpu_window_may_take_longer_to_make_than_a_gpu_window():
+    """One call per window on a loaded 2-core host: its input making jitters by milliseconds."""
+    protocol = dataclasses.replace(calibration(QUIET_REFERENCE), own_prepare_ms=2.0)
+    assert not input_preparation(protocol, windows(0.2, 1.05, 4.5), "cuda").passed
+    assert input_preparation(protocol, windows(0.2, 1.05, 4.5), "cpu").passed
+    assert not input_preparation(protocol, windows(0.2, 1.05, 5.5), "cpu").passed
 
 
 def test_the_timing_dump_has_each_windows_figures_input_making_included(tmp_path, monkeypatch):

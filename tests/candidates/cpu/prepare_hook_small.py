@@ -4,8 +4,8 @@ patched harness.poison_allocator), here with torch.matmul, which takes a few hun
 millisecond on this small task; forward returns a copy of the stored answer, so each call
 reports a few microseconds: several times faster than the eager reference, above the speed of
 light, with no work in it.
-Meant to be caught by: input_preparation. Its bound (twice the reference's time plus 1 ms) is
-looser than the whole work of a small task: a hole.
+Meant to be caught by: input_preparation. Its bound on a CPU (twice its process's own pace
+before import, or the reference's, plus 1 ms) is looser than the whole work of a small task: a hole.
 """
 
 import sys

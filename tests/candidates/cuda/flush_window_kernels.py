@@ -6,10 +6,10 @@ every input set of the window. forward launches a no-op NVRTC kernel (so custom 
 makes the current stream wait for the stored answer, spins a little on the GPU (so the call is
 not faster than the speed of light) and returns the answer.
 Meant to be caught by: timer_consistency or input_preparation. The subject's host is held
-still during the flush, but its device is not: the queued work delays the flush, which on a GPU
-lies inside the parent's clock of the run; but the launches make the input preparation slower
-too, and within input_preparation's loose bound nothing charges that: a hole
-(test_device_work_queued_as_the_inputs_are_made_buys_no_speedup).
+still during the flush, but its device is not: what it runs after the reply lies inside the
+parent's clock of the run, which starts at the reply; but what runs while it launches lands in
+the input making's time, and within input_preparation's slack nothing charges that: a hole when
+the slack is wide enough (test_device_work_queued_as_the_inputs_are_made_buys_no_speedup).
 """
 
 import sys
