@@ -27,7 +27,9 @@ TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
 STILL_WARM_S = 1.0
-OWN_PACE_WINDOWS = 5  # windows of inputs the candidate's process makes before its code is imported
+# Windows of inputs whose making times the candidate's process before its code is imported, after
+# one more that `own_pace` drops (it takes the allocator's first blocks).
+OWN_PACE_WINDOWS = 5
 
 
 class Evaluation:
