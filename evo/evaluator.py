@@ -5,7 +5,6 @@ parent itself observed. The candidate's process never holds an expected output.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -13,12 +12,13 @@ from pydantic import ValidationError
 
 from evo import builds, cores, devices, judgement, reference_timing
 from evo.config import VerifyPolicy
-from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem, inputs_made
+from evo.handover import SLOTS, PooledInputs
+from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
 from evo.timing import (WARM_SECONDS, Calibration, Samples, SubjectError, exchanged, failed_protocol_checks,
-                        host_pace_warning, own_pace, time_candidate, warm_up)
+                        host_pace_warning, time_candidate, warm_up)
 from evo.verdict import Timings, Verdict
 
 
@@ -27,9 +27,6 @@ TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
 STILL_WARM_S = 1.0
-# Windows of inputs whose making times the candidate's process before its code is imported, after
-# one more that `own_pace` drops (it takes the allocator's first blocks).
-OWN_PACE_WINDOWS = 5
 
 
 class Evaluation:
@@ -119,7 +116,7 @@ class Evaluation:
     def on_device(self) -> None:
         self.prepare_checker()
         self.time_reference()
-        self.time_own_pace()
+        self.hand_over_pool()
         self.start_profiled_call()
         self.load_candidate()
         self.finish_profiled_call()  # its process ends during the trials
@@ -248,21 +245,21 @@ class Evaluation:
         self.exchange_bytes = self.reserve_exchange()
         self.timings.timing_s += time.monotonic() - started
 
-    def time_own_pace(self) -> None:
-        """Time the candidate's process making inputs before any candidate code is anywhere near
-        the device (the profiled call's process loads it next): its input making while timed is
-        held to this pace of its own. The previous turn's processes may still be ending: that can
-        only slow this pace, which loosens the bound, and waiting for them here would hold up the
-        loading that overlaps their end."""
-        started = time.monotonic()
-        loaded, _ = self.runner.request({**self.load_message(self.runner), "op": "task"},
-                                        timeout=self.policy.load_timeout_s)
-        if "error" in loaded:
-            self.judgement.reject("load", loaded["error"])
-        windows = [new_seeds(self.reference.plan.window) for _ in range(OWN_PACE_WINDOWS + 1)]
-        self.own_pace = own_pace(self.runner, windows, self.policy.call_timeout_s)
-        self.runner.request({"op": "forget_inputs"}, timeout=self.policy.load_timeout_s)
-        self.timings.timing_s += time.monotonic() - started
+    def hand_over_pool(self) -> None:
+        """Map the checker's input pool in the candidate's process before its code is imported:
+        room for a timed window's inputs in each of its slots."""
+        timeout = self.policy.load_timeout_s
+        slot_bytes = self.reference.plan.window * self.task_facts["pool_bytes_per_call"]
+        fd, nbytes = self.session.input_pool(SLOTS * slot_bytes, timeout)
+        self.inputs = PooledInputs(self.checker, slot_bytes)
+        try:
+            self.runner.send_fd(fd)
+            mapped, _ = self.runner.request({"op": "pool", "bytes": nbytes, "device": self.device.torch_name},
+                                            timeout=timeout)
+        except (SandboxFailure, OSError) as failure:  # before any candidate code was there
+            raise EvaluatorError(f"handing the input pool to the candidate process failed: {failure}") from None
+        if "error" in mapped:
+            raise EvaluatorError(f"the candidate process could not map the input pool: {mapped['error']}")
 
     def reserve_exchange(self) -> int:
         """Room in the exchange buffer for what a candidate's process hands back at once: a trial's
@@ -332,12 +329,12 @@ class Evaluation:
         self.judgement.flags(described.flags_changed, f"in {where}")
         return described
 
-    def prepare_inputs(self, seeds: list[int]) -> None:
-        prepared, _ = self.runner.request({"op": "prepare", "seeds": seeds}, timeout=self.policy.call_timeout_s)
-        inputs_made(prepared)
-
     def run_candidate(self, seed: int, message: dict, where: str) -> dict:
-        self.prepare_inputs([seed])
+        try:
+            self.inputs.prepare(self.runner, [seed], self.policy.call_timeout_s)
+            self.inputs.publish(self.runner, self.policy.call_timeout_s, hold=False)
+        except SubjectError as err:
+            self.judgement.reject("runs", f"{where}: {err}")
         reply, _ = self.runner.request(message, timeout=self.policy.call_timeout_s)
         if "error" in reply:
             self.judgement.reject("runs", f"{where}: ModelNew.forward raised {reply['error']}")
@@ -350,8 +347,8 @@ class Evaluation:
         if time.monotonic() - self.session.last_timed > STILL_WARM_S:
             self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
         try:
-            warm_up(self.runner, self.flusher, new_seeds(policy.warmup_calls), {"op": "run"}, policy.load_timeout_s,
-                    True, self.device.kind)
+            warm_up(self.runner, self.flusher, self.inputs, new_seeds(policy.warmup_calls), {"op": "run"},
+                    policy.load_timeout_s, True, self.device.kind)
             self.end_profiler()
             candidate = self.timed_calls(self.timed_seeds)
             protocol = self.calibrate()
@@ -369,19 +366,17 @@ class Evaluation:
         finally:
             self.session.last_timed = time.monotonic()
         candidate.dump("candidate")
-        self.own_pace.dump("candidate before import")
         self.reference.samples.dump("reference")
         self.timings.timing_s += time.monotonic() - started
         self.judgement.timed(protocol, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
 
     def calibrate(self) -> Calibration:
-        calibration = reference_timing.recalibrate(self.checker, self.flusher, self.reference,
-                                                   self.policy.call_timeout_s, self.device.kind)
-        return dataclasses.replace(calibration, own_prepare_ms=self.own_pace.prepare_ms())
+        return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s,
+                                            self.device.kind)
 
     def timed_calls(self, seeds: list[list[int]]) -> Samples:
-        return time_candidate(self.runner, self.checker, self.flusher, seeds, self.exchange_bytes,
+        return time_candidate(self.runner, self.checker, self.flusher, self.inputs, seeds, self.exchange_bytes,
                               self.policy.call_timeout_s, self.device.kind,
                               lambda checks: self.judgement.record_all(checks, "a timed call"),
                               lambda details, reply: self.judge_details(details, reply, "a timed call"))

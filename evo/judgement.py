@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
 
-from evo.timing import Calibration, Samples, input_preparation, timer_consistency
+from evo.timing import Calibration, Samples, timer_consistency
 from evo.verdict import Check, Roofline, Timings
 
 # Margins over the measured ceilings before a time counts as faster than the device allows:
@@ -29,8 +29,8 @@ class EvaluatorError(Exception):
 
 
 def inputs_made(prepared: dict) -> None:
-    """The task's own generator makes the inputs in a candidate's process, before its code runs
-    on them: a failure there is the task's or the evaluator's."""
+    """The task's own generator makes the profiled call's inputs in its process, before the
+    candidate's code runs on them: a failure there is the task's or the evaluator's."""
     if "error" in prepared:
         raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
 
@@ -157,8 +157,7 @@ class Judgement:
         self.passed("runs", "every call completed")
         consistency, charged_ms = timer_consistency(reference, candidate, device.kind)
         timings.candidate = candidate.stats(charged_ms)
-        for check in (consistency, input_preparation(reference, candidate, device.kind)):
-            self.by_name[check.name] = check
+        self.by_name[consistency.name] = consistency
         self.roofline = roofline(facts, timings.candidate.median_ms, device, allow_reduced_precision)
         limit = self.roofline.speed_of_light_ms
         if timings.candidate.median_ms < limit:

@@ -9,6 +9,7 @@ import time
 
 from evo.config import VerifyPolicy
 from evo.devices import Device
+from evo.handover import OwnInputs
 from evo.judgement import EvaluatorError
 from evo.sandbox_runner import SandboxProcess
 from evo.session import ReferenceTiming, new_seeds
@@ -24,18 +25,20 @@ def measure(checker: SandboxProcess, flusher: SandboxProcess, policy: VerifyPoli
     timeout = policy.call_timeout_s
     flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=timeout)
     try:
-        warm = warm_up(checker, flusher, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False, device.kind)
+        inputs = OwnInputs(checker)
+        warm = warm_up(checker, flusher, inputs, new_seeds(policy.warmup_calls), {"op": "run"}, timeout, False,
+                       device.kind)
         timed_plan = plan(min(warm), policy.timing_budget_s, policy.min_timed_calls, policy.max_timed_calls,
                           device.max_window)
         out_bytes = sum(meta["nbytes"] for meta in facts["outputs"])
         keep = timed_plan.window * timed_plan.windows * out_bytes <= policy.expected_memory_bytes
         timed_seeds = timed_plan.seeds(new_seeds)
-        samples = time_reference(checker, flusher, timed_seeds, "eager", keep, timeout, device.kind)
+        samples = time_reference(checker, flusher, inputs, timed_seeds, "eager", keep, timeout, device.kind)
         compile_stats = None
         if policy.compile_baseline:
-            warm_up(checker, flusher, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
+            warm_up(checker, flusher, inputs, new_seeds(policy.warmup_calls), {"op": "run", "model": "compile"},
                     policy.load_timeout_s, False, device.kind)
-            compile_stats = time_reference(checker, flusher, timed_plan.seeds(new_seeds), "compile", False,
+            compile_stats = time_reference(checker, flusher, inputs, timed_plan.seeds(new_seeds), "compile", False,
                                            timeout, device.kind).stats()
     except SubjectError as err:
         raise EvaluatorError(f"timing the reference failed: {err}") from None
@@ -51,7 +54,7 @@ def recalibrate(checker: SandboxProcess, flusher: SandboxProcess, reference: Ref
     timing) no longer lets a timer hide that much."""
     windows = reference.plan.seeds(new_seeds)[:RECALIBRATION_WINDOWS]
     try:
-        again = time_reference(checker, flusher, windows, "eager", False, timeout, device_kind)
+        again = time_reference(checker, flusher, OwnInputs(checker), windows, "eager", False, timeout, device_kind)
     except SubjectError as err:
         raise EvaluatorError(f"timing the reference again failed: {err}") from None
     return calibration(reference.samples, again)

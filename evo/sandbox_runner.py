@@ -17,6 +17,7 @@ import resource
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,13 +92,16 @@ class CappedOutput:
 
 class SandboxProcess:
     def __init__(self, program: str, *, isolation: IsolationProfile, workdir: Path, env: dict[str, str],
-                 limits: Limits, label: str, shared_fd: int | None = None, start_cores: set[int] | None = None,
-                 fork_server=None, watch_memory: bool = True):
+                 limits: Limits, label: str, shared_fd: int | None = None, door: bool = False,
+                 start_cores: set[int] | None = None, fork_server=None, watch_memory: bool = True):
         self.program = SANDBOX_DIR / program
         self.start_cores = start_cores  # where it starts (its children inherit them); None: anywhere
         # Handed over beside the channel: the session's exchange buffer (checker, timed process), or
         # the fork server's socket.
         self.shared_fd = shared_fd
+        # A Unix socket handed over after `shared_fd`, for descriptors made later (the input pool's).
+        self.wants_door = door
+        self.door: socket.socket | None = None
         self.fork_server = fork_server  # an evo.fork_server.ForkServer that forks it; None: a fresh interpreter
         # False for the fork server: its forks are its descendants, and each is held to the limit on its own.
         self.watch_memory = watch_memory
@@ -120,14 +124,22 @@ class SandboxProcess:
         for write_end in (parent_write, child_write):
             widen_pipe(write_end)
         given = (child_read, child_write) + ((self.shared_fd,) if self.shared_fd is not None else ())
+        theirs = None
+        if self.wants_door:
+            self.door, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            given += (theirs.fileno(),)
         try:
             self.proc = self._fork(given) if self.fork_server is not None else self._spawn(given)
         except BaseException:
             os.close(parent_read), os.close(parent_write)
+            if self.door is not None:
+                self.door.close()
             raise
         finally:
             os.close(child_read)
             os.close(child_write)
+            if theirs is not None:
+                theirs.close()
         self.pid = self.proc.pid  # kept after close, to name the process in reports and tests
         self.started_ticks = live_sandboxes.start_ticks(self.proc.pid)
         self.to_child, self.from_child = parent_write, parent_read
@@ -335,6 +347,23 @@ class SandboxProcess:
             except (BlockingIOError, OSError, ValueError):
                 pass
 
+    def send_fd(self, fd: int) -> None:
+        """Hand the process a descriptor through its door; a message tells it to take it."""
+        socket.send_fds(self.door, [b"d"], [fd])
+
+    def receive_fd(self, timeout: float) -> int:
+        """A descriptor the process sent through its door (after the reply that announced it)."""
+        self.door.settimeout(timeout)
+        try:
+            _, fds, _, _ = socket.recv_fds(self.door, 1, 1)
+        except (OSError, TimeoutError) as err:
+            raise SandboxFailure("protocol", f"the {self.label} sent no descriptor ({err})", self.label) from None
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxFailure("protocol", f"the {self.label} sent {len(fds)} descriptors, not one", self.label)
+        return fds[0]
+
     def close(self) -> None:
         """Ask the program to exit, then make sure the whole group is gone."""
         if self.proc is None:
@@ -351,6 +380,8 @@ class SandboxProcess:
                 os.close(fd)
             except OSError:
                 pass
+        if self.door is not None:
+            self.door.close()
         self.selector.close()
         for stream in (self.proc.stdout, self.proc.stderr):
             stream.close()

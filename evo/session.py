@@ -10,6 +10,7 @@ per task and device for the whole search of that task.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import socket
@@ -150,6 +151,8 @@ class TaskSession:
         self.last_timed = -float("inf")  # time.monotonic() when a timing phase last ended on the device
         self.spares: dict[bool, list[SandboxProcess]] = {False: [], True: []}  # by "warms the profiler"
         self.exchange = ExchangeBuffer()  # outputs from candidate processes to the checker
+        self.pool_fd: int | None = None  # the checker's input pool (evo.handover), once it made one
+        self.pool_bytes = 0
         self.fork_server: ForkServer | None = None  # forks candidate processes and builds, once started
         self.fork_failure: str | None = None  # why they are started afresh instead, once a server failed to serve
         # A search makes the precompiled headers its builds want; a one-shot verification uses those there are.
@@ -175,7 +178,7 @@ class TaskSession:
         home.mkdir()
         env = devices.sandbox_env(home, self.device, env_extra or {})
         process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
-                                 label=label, shared_fd=self.exchange.fd if exchange else shared_fd,
+                                 label=label, shared_fd=self.exchange.fd if exchange else shared_fd, door=exchange,
                                  start_cores=cores.for_starting(self.device.kind), fork_server=server,
                                  watch_memory=watch_memory)
         try:
@@ -287,8 +290,7 @@ class TaskSession:
 
     def reserve_window(self, process: SandboxProcess, timeout: float) -> None:
         """Have a timed candidate process take from the driver, before its turn on the device,
-        the memory of a window's inputs and of the NaN blocks left for its outputs, in the order
-        the window allocates them: forked processes otherwise spent 0.13 s of the turn there
+        the memory of the NaN blocks a window leaves for its outputs, in the order it allocates them: forked processes otherwise spent 0.13 s of the turn there
         (H200). Only once the reference's plan gives the window's size, and for small windows.
         A refusal (the device's memory is full) leaves the window to allocate as it goes."""
         reference, facts = self.reference, self.task_facts
@@ -297,6 +299,22 @@ class TaskSession:
         sizes = window_allocations(facts, reference.plan.window)
         if sum(sizes) <= RESERVE_LIMIT_BYTES:
             process.request({"op": "reserve", "device": self.device.torch_name, "sizes": sizes}, timeout=timeout)
+
+    def input_pool(self, nbytes: int, timeout: float) -> tuple[int, int]:
+        """The checker's input pool, at least `nbytes` long (made anew when it is shorter): its
+        descriptor, kept here to hand to candidate processes, and its length."""
+        if self.pool_bytes < nbytes:
+            reply = await_reply(self.checker.request({"op": "pool", "bytes": nbytes}, timeout=timeout)[0],
+                                "making the input pool")
+            fd = self.checker.receive_fd(timeout)
+            self.forget_pool()
+            self.pool_fd, self.pool_bytes = fd, reply["pool_bytes"]
+        return self.pool_fd, self.pool_bytes
+
+    def forget_pool(self) -> None:
+        if self.pool_fd is not None:
+            os.close(self.pool_fd)
+        self.pool_fd, self.pool_bytes = None, 0
 
     def reference_fresh(self) -> bool:
         return self.reference is not None and time.monotonic() - self.reference.measured_at < REFERENCE_STALE_S
@@ -316,6 +334,7 @@ class TaskSession:
         with self.lock:
             self.checker = self.flusher = None
             self.task_facts, self.reference = None, None
+            self.forget_pool()
 
     def close(self) -> None:
         self.discard_trusted()

@@ -1,12 +1,14 @@
 """The timing protocol, driven from the parent, and the statistics of its samples.
 
-Calls are timed in windows of K. The subject makes K fresh input sets from seeds it learns
-only now (the parent times this too); the trusted flusher process evicts the device cache while
-the subject is held still, so every call reads inputs that nothing has touched since; the parent
-tells the subject to run; the subject synchronizes the whole device, runs the calls back to back
-with device events around each, synchronizes the whole device again, and replies with its times
-and a checksum of all outputs as they were then. The parent stops its clock at that reply. The
-outputs follow and the checker judges every one of them.
+Calls are timed in windows of K. The checker makes K fresh input sets from seeds only it
+learns, and the subject is told where they will be (evo/handover.py); the subject is held still,
+the checker copies the inputs there, and the trusted flusher evicts the device cache, so every
+call reads inputs that nothing has touched since; the parent lets the subject go and tells it to
+run; the subject synchronizes the whole device, runs the calls back to back with device events
+around each, synchronizes the whole device again, and replies with its times and a checksum of
+all outputs as they were then. The parent's clock runs from the handing over of the inputs (on a
+CPU, from the subject's release) to that reply. The outputs follow and the checker judges every
+one of them.
 
 The reference is timed by the same protocol, so the time it leaves outside its event windows
 calibrates the candidate's: a candidate whose timer under-reports, or whose work runs after
@@ -43,19 +45,11 @@ OVERHEAD_SLACK = {"cuda": (0.1, 0.15), "cpu": (0.4, 0.25)}
 # candidates on a loaded H200 host went up to 0.25 ms past the slack, timer cheats 5 ms and more.
 TAMPERING_MS = {"cuda": 1.0, "cpu": 0.2}
 WARM_SECONDS = 0.2  # of device work before each timing phase, so clocks are up for both subjects
-# Making a window's inputs may take the candidate's process this much longer (factor, milliseconds)
-# than the pace it had before its code was imported, or the reference's if that was slower. A
-# process's pace moves by tens of percent from one to the next: on an idle H200, honest candidates
-# made their inputs up to 1.9x slower than the reference's checker (sessions 18-20), but at most
-# 1.34x slower than that base, over 14 verifications of 8 candidates (session 20). On a loaded
-# 2-core CPU, up to 1.36x, with a window of one call whose inputs take about a millisecond.
-PREPARE_BOUND = {"cuda": (1.3, 0.3), "cpu": (2.0, 1.0)}
-# Whether the parent's clock for a window's run starts as the subject reports its inputs made,
-# covering the hold and the flush: on a GPU, work a subject queued as it replied runs on its
-# device while it is held and the flush waits for it (flush_window_kernels ran its answers in the
-# millisecond that holding took); on a CPU, a held subject does no work, and a flush takes
-# milliseconds whose jitter would only blur the run's.
-RUN_CLOCK_FROM_REPLY = {"cuda": True, "cpu": False}
+# Whether the parent's clock for a window starts before its inputs are handed over, covering the
+# hold, the copy and the flush: on a GPU, a held subject's device work runs on (a kernel left
+# waiting for the inputs to land would compute as they do); on a CPU, a held subject does no work,
+# and a flush takes milliseconds whose jitter would only blur the run's.
+CLOCK_COVERS_HANDOVER = {"cuda": True, "cpu": False}
 # A call whose kernels keep the device busy for less than this share of it is paced by the host
 # launching them, and a host's pace moves between verifications far more than a device's.
 HOST_PACED_SHARE = 0.5
@@ -70,7 +64,7 @@ class Samples:
     event_ms: list[float] = field(default_factory=list)  # each call, as the subject's timer reported it
     window_wall_ms: list[float] = field(default_factory=list)  # each window's run, as the parent's clock saw it
     window_event_ms: list[float] = field(default_factory=list)  # each window, the sum of its calls' times
-    window_prepare_ms: list[float] = field(default_factory=list)  # each window's input making, parent's clock
+    window_prepare_ms: list[float] = field(default_factory=list)  # each window's preparation, before its clock
 
     def add_window(self, elapsed: list[float], wall_ms: float, prepare_ms: float) -> None:
         self.event_ms.extend(elapsed)
@@ -79,8 +73,7 @@ class Samples:
         self.window_prepare_ms.append(prepare_ms)
 
     def dump(self, label: str) -> None:
-        """Per-window figures, for studying the protocol's jitter and the input making's time
-        (EVO_TIMING_DUMP=FILE)."""
+        """Per-window figures, for studying the protocol's jitter (EVO_TIMING_DUMP=FILE)."""
         path = os.environ.get("EVO_TIMING_DUMP")
         if path:
             with open(path, "a") as sink:
@@ -103,9 +96,6 @@ class Samples:
         own jitter (a context switch, a page fault) only adds outliers."""
         return lower_quartile([w - e for w, e in zip(self.window_wall_ms, self.window_event_ms)])
 
-    def prepare_ms(self) -> float:
-        return lower_quartile(self.window_prepare_ms)
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -127,25 +117,21 @@ def plan(reference_ms: float, budget_s: float, lowest: int, highest: int, max_wi
 @dataclass(frozen=True)
 class Calibration:
     """What the reference's windows show of the protocol itself: the time per window its timer
-    leaves out, and the time it takes to make a window's inputs. The least over its timings:
-    a reference slowed by a busy host (one timed while other processes started on the device)
-    would otherwise widen what a candidate may hide, for as long as that timing is reused."""
+    leaves out. The least over its timings: a reference slowed by a busy host (one timed while
+    other processes started on the device) would otherwise widen what a candidate may hide, for
+    as long as that timing is reused."""
 
     overhead_ms: float
-    prepare_ms: float
-    own_prepare_ms: float | None = None  # the candidate's process making inputs before its code was imported
 
 
 def calibration(*timings: Samples) -> Calibration:
-    return Calibration(overhead_ms=min(samples.overhead_ms() for samples in timings),
-                       prepare_ms=min(samples.prepare_ms() for samples in timings))
+    return Calibration(overhead_ms=min(samples.overhead_ms() for samples in timings))
 
 
 def window_allocations(task_facts: dict, window: int) -> list[int]:
-    """The bytes of each device allocation a window's making takes, in order: its input sets,
-    then two NaN-filled blocks per output of each call (harness.poison_allocator)."""
-    inputs = [meta["nbytes"] for meta in task_facts["inputs"]] * window
-    return inputs + [meta["nbytes"] for meta in task_facts["outputs"] for _ in range(2)] * window
+    """The bytes of each device allocation a candidate's window takes, in order: two NaN-filled
+    blocks per output of each call (harness.poison_allocator); its inputs are in the pool."""
+    return [meta["nbytes"] for meta in task_facts["outputs"] for _ in range(2)] * window
 
 
 def lower_quartile(values: list[float]) -> float:
@@ -159,25 +145,28 @@ def expect(reply: dict, doing: str) -> dict:
     return reply
 
 
-def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
+def timed_window(subject: SandboxProcess, flusher: SandboxProcess, inputs, seeds: list[int], run_message: dict,
                  timeout: float, device_kind: str) -> tuple[dict, float, float]:
     """One window under the protocol: the subject's reply, and the parent's milliseconds for the
-    run and for the making of the inputs (where a subject could hide work, such as computing
-    the answers).
+    run and for the preparation before it. `inputs` hands the window's inputs over
+    (evo.handover): prepared before the clock, published into the subject's reach after it started.
 
-    The subject is held still while the flusher works, so no thread of it computes there. Its
-    device is not held: on a GPU, work it left queued runs on and delays the flush, so there
-    the run's clock starts when the subject said its inputs were made."""
-    prepare_ms = make_inputs(subject, seeds, timeout)
-    made = subject.last_arrival
-    subject.hold()
+    The subject is held still while its inputs are copied and the flusher works, so no thread of
+    it computes there. Its device is not held: on a GPU, work it left queued runs on and delays
+    the flush, so there the clock covers all of it."""
+    before = time.perf_counter()
+    inputs.prepare(subject, seeds, timeout)
+    prepare_ms = (time.perf_counter() - before) * 1e3
+    started = time.perf_counter()
     try:
+        inputs.publish(subject, timeout)
         flusher.request({"op": "flush"}, timeout=timeout)
+        # The clock starts before the subject is let go: were this process preempted between the
+        # two, a clock started after could miss part of the window and make its timer look slow.
+        if not CLOCK_COVERS_HANDOVER[device_kind]:
+            started = time.perf_counter()
     finally:
         subject.release()
-    # The clock starts before the message leaves: were this process preempted between the two,
-    # a clock started after could miss part of the window and make the subject's timer look slow.
-    started = made if RUN_CLOCK_FROM_REPLY[device_kind] else time.perf_counter()
     subject.send(run_message, timeout=timeout * len(seeds))
     reply, _ = subject.receive(timeout * len(seeds))
     elapsed = expect(reply, "the call").get("elapsed_ms")
@@ -187,33 +176,18 @@ def timed_window(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[i
     return reply, (subject.last_arrival - started) * 1e3, prepare_ms
 
 
-def make_inputs(subject: SandboxProcess, seeds: list[int], timeout: float) -> float:
-    """Have the subject make a window's inputs; the parent's milliseconds until it said so."""
-    started = time.perf_counter()
-    expect(subject.request({"op": "prepare", "seeds": seeds}, timeout=timeout * len(seeds))[0], "making the inputs")
-    return (subject.last_arrival - started) * 1e3
-
-
-def own_pace(subject: SandboxProcess, windows: list[list[int]], timeout: float) -> Samples:
-    """The subject making windows of inputs before any candidate code is in its process: its own
-    pace, since a process's pace moves by tens of percent from one to the next, so that no other
-    process's is a fair measure for it. The first window, which takes the allocator's first
-    blocks and several times as long, is not kept."""
-    return Samples(window_prepare_ms=[make_inputs(subject, seeds, timeout) for seeds in windows][1:])
-
-
-def time_reference(checker: SandboxProcess, flusher: SandboxProcess, windows: list[list[int]], model: str,
+def time_reference(checker: SandboxProcess, flusher: SandboxProcess, inputs, windows: list[list[int]], model: str,
                    keep_expected: bool, timeout: float, device_kind: str) -> Samples:
     samples = Samples()
     for seeds in windows:
-        reply, wall, prepare = timed_window(checker, flusher, seeds, {"op": "run", "model": model,
-                                                                      "keep_expected": keep_expected}, timeout,
-                                            device_kind)
+        reply, wall, prepare = timed_window(checker, flusher, inputs, seeds, {"op": "run", "model": model,
+                                                                              "keep_expected": keep_expected},
+                                            timeout, device_kind)
         samples.add_window(reply["elapsed_ms"], wall, prepare)
     return samples
 
 
-def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: SandboxProcess,
+def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: SandboxProcess, inputs,
                    windows: list[list[int]], exchange_bytes: int, timeout: float, device_kind: str,
                    judge: Callable[[list[dict]], None], judge_details: Callable[[dict, dict], None]) -> Samples:
     """Time the candidate on the given windows of seeds. What the candidate says of its outputs
@@ -222,7 +196,7 @@ def time_candidate(candidate: SandboxProcess, checker: SandboxProcess, flusher: 
     samples = Samples()
     run = {"op": "run", "send_outputs": True, "exchange_bytes": exchange_bytes}
     for seeds in windows:
-        reply, wall, prepare = timed_window(candidate, flusher, seeds, run, timeout, device_kind)
+        reply, wall, prepare = timed_window(candidate, flusher, inputs, seeds, run, timeout, device_kind)
         details, _ = candidate.receive(timeout)
         expect(details, "describing the outputs")
         samples.add_window(reply["elapsed_ms"], wall, prepare)
@@ -240,12 +214,12 @@ def exchanged(details: dict, reply: dict, exchange_bytes: int) -> dict:
             "checksum": reply.get("checksum"), "exchange_bytes": exchange_bytes}
 
 
-def warm_up(subject: SandboxProcess, flusher: SandboxProcess, seeds: list[int], run_message: dict,
+def warm_up(subject: SandboxProcess, flusher: SandboxProcess, inputs, seeds: list[int], run_message: dict,
             timeout: float, drain_details: bool, device_kind: str) -> list[float]:
     """Calls whose times are thrown away (module loading, JIT compilation, allocator growth)."""
     times = []
     for seed in seeds:
-        reply, _, _ = timed_window(subject, flusher, [seed], run_message, timeout, device_kind)
+        reply, _, _ = timed_window(subject, flusher, inputs, [seed], run_message, timeout, device_kind)
         if drain_details:
             expect(subject.receive(timeout)[0], "describing the outputs")
         times.extend(reply["elapsed_ms"])
@@ -281,28 +255,10 @@ def timer_consistency(reference: Calibration, candidate: Samples, device_kind: s
         f"reference {ref_overhead:.4f} ms)")), 0.0
 
 
-def input_preparation(reference: Calibration, candidate: Samples, device_kind: str) -> Check:
-    """Making a window's inputs runs the task's own generator in both subjects; a candidate that
-    takes longer is doing work there that its timer does not see. Held to its own process's pace
-    before its code was imported, or the reference's if that was slower."""
-    ref_ms, cand_ms, own_ms = reference.prepare_ms, candidate.prepare_ms(), reference.own_prepare_ms
-    factor, slack_ms = PREPARE_BOUND[device_kind]
-    allowed = factor * max(ref_ms, own_ms or 0.0) + slack_ms
-    measure = f"the reference's {ref_ms:.3f} ms" + (
-        f", its own {own_ms:.3f} ms before its code was imported" if own_ms is not None else "")
-    if cand_ms > allowed:
-        return Check(name="input_preparation", passed=False, detail=(
-            f"making a window's inputs took the candidate's process {cand_ms:.3f} ms, {measure} (allowed "
-            f"{allowed:.3f} ms): the candidate did work while its inputs were being made, outside its timer"))
-    return Check(name="input_preparation", passed=True, detail=(
-        f"making inputs took {cand_ms:.3f} ms per window, {measure} (allowed {allowed:.3f} ms)"))
-
-
 def failed_protocol_checks(reference: Calibration, candidate: Samples, device_kind: str) -> list[str]:
     """The names of the timing protocol's own checks that a candidate's timing fails."""
-    checks = (timer_consistency(reference, candidate, device_kind)[0],
-              input_preparation(reference, candidate, device_kind))
-    return [check.name for check in checks if not check.passed]
+    check = timer_consistency(reference, candidate, device_kind)[0]
+    return [] if check.passed else [check.name]
 
 
 def host_pace_warning(median_ms: float, kernels: dict) -> str | None:

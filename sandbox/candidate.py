@@ -1,8 +1,9 @@
 """The candidate runner: runs inside a fresh, isolated process, one candidate only.
 
-It imports the candidate, makes each call's inputs from a seed it is handed at that
-moment, times the call, and hands back the outputs. It holds no expected output and no
-seed it has not been told to use; everything it reports is checked by the parent.
+It imports the candidate, is told where each call's inputs will be in the input pool (the
+checker copies them there as the call's window is timed), times the call, and hands back the
+outputs. It holds no expected output and no seed of its inputs; everything it reports is
+checked by the parent.
 
     python candidate.py READ_FD,WRITE_FD
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
 import sys
 import time
 
@@ -24,6 +26,7 @@ import exchange  # noqa: E402
 import harness  # noqa: E402
 import hooks  # noqa: E402
 import memory_guard  # noqa: E402
+import pool  # noqa: E402
 import wire  # noqa: E402
 
 _tensor_type = torch.Tensor
@@ -37,12 +40,12 @@ _read_frame = wire.read_frame
 
 
 class Runner:
-    def __init__(self, read_fd: int, write_fd: int, exchange_fd: int | None):
+    def __init__(self, read_fd: int, write_fd: int, exchange_fd: int | None, door_fd: int | None):
         self.read_fd, self.write_fd = read_fd, write_fd
         self.exchange = exchange.Exchange(exchange_fd, writable=True)
+        self.door = socket.socket(fileno=door_fd) if door_fd is not None else None  # the input pool arrives here
+        self.pool: pool.Pool | None = None
         self.model = None
-        self.get_inputs = None  # the task's, once set up
-        self.reserved = False  # whether the allocator took a window's blocks ahead (`reserve`)
         self.window: list = []  # input sets of the next window of calls
         self.ledger = hooks.ExtensionLedger()
         self.pinned_flags: dict = {}
@@ -80,16 +83,16 @@ class Runner:
         prof.events()
         _write_frame(self.write_fd, {"ready": True})
 
-    def op_task(self, msg: dict) -> None:
-        """Load the task alone, so that inputs can be made here before any candidate code is: the
-        parent times this process's own pace at making them, which its input making while timed
-        is held to."""
-        self.set_up(msg)
+    def op_pool(self, msg: dict) -> None:
+        """Map the input pool, whose descriptor evo sent on the door just before, before any
+        candidate code is here."""
+        _, fds, _, _ = socket.recv_fds(self.door, 1, 1)
+        self.pool = pool.Pool(fds[0], msg["bytes"], msg["device"])
+        os.close(fds[0])
         _write_frame(self.write_fd, {"ok": True})
 
     def op_load(self, msg: dict) -> None:
-        if self.get_inputs is None:  # a process whose own pace is not timed (the profiled call's)
-            self.set_up(msg)
+        self.set_up(msg)
         module = harness.import_file(msg["candidate"], "evo_candidate", "candidate")
         model_class = getattr(module, "ModelNew", None)
         if not isinstance(model_class, type):
@@ -128,29 +131,20 @@ class Runner:
         before the evaluation's turn on the device: a window's first allocations would otherwise
         be the driver's, which took tens of milliseconds each on an H200 host where other
         processes were starting. It only allocates: no kernel runs beside another's timing."""
-        self.reserved = True
         blocks = [torch.empty(nbytes, dtype=torch.uint8, device=msg["device"]) for nbytes in msg["sizes"]]
         del blocks
         _write_frame(self.write_fd, {"reserved_bytes": torch.cuda.memory_reserved(msg["device"])})
 
-    def op_forget_inputs(self, _msg: dict) -> None:
-        """Drop the inputs made to time this process's own pace, and leave the allocator's cache
-        as it was before them, so that the candidate's first calls meet the allocator they would
-        have met without them (a CUDA graph's capture empties the cache, and segments the memory
-        guard watched could come back as the graph's). Where `reserve` took a window's blocks,
-        the pace was timed in those very blocks, and they stay."""
-        self.window = []
-        if torch.cuda.is_initialized() and not self.reserved:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        _write_frame(self.write_fd, {"ok": True})
-
     def op_prepare(self, msg: dict) -> None:
-        """Make the inputs of the next window of calls, one set per seed, all alive at once (so each
-        call's inputs sit at new addresses), and leave NaN-filled blocks for its outputs."""
+        """Take the inputs of the next window of calls where the checker will copy them in the
+        pool ("inputs", their layout), or make them here (the profiled call's "seeds"); and leave
+        NaN-filled blocks for its outputs."""
         self.window = None
-        self.window = [harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device)
-                       for seed in msg["seeds"]]
+        if "inputs" in msg:
+            self.window = [[self.pool.tensor(spec) for spec in call] for call in msg["inputs"]]
+        else:
+            self.window = [harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device)
+                           for seed in msg["seeds"]]
         harness.poison_allocator(self.device, self.poison_sizes * len(self.window))
         self.clock.synchronize()
         _write_frame(self.write_fd, {"ready": True})
@@ -246,11 +240,12 @@ class Runner:
 
 
 def main() -> None:
-    read_fd, write_fd, exchange_fd = harness.channel_from_argv()
+    read_fd, write_fd, given = harness.channel_from_argv()
+    exchange_fd, door_fd = (given + [None, None])[:2]
     harness.start_device()
     if torch.cuda.is_initialized():
         memory_guard.MemoryGuard().warm()
-    Runner(read_fd, write_fd, exchange_fd).serve()
+    Runner(read_fd, write_fd, exchange_fd, door_fd).serve()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The reference/checker process: runs the task's reference, holds the expected outputs,
-and judges the outputs a candidate hands back. Nothing here is ever sent to a candidate.
+makes the inputs a candidate is handed (through the input pool, as its clock starts) and
+judges the outputs it hands back. No expected output is ever sent to a candidate.
 
     python checker.py READ_FD,WRITE_FD
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -22,17 +24,23 @@ import ceilings  # noqa: E402
 import exchange  # noqa: E402
 import harness  # noqa: E402
 import numerics  # noqa: E402
+import pool  # noqa: E402
 import wire  # noqa: E402
 
 
 class Checker:
-    def __init__(self, read_fd: int, write_fd: int, exchange_fd: int | None):
+    def __init__(self, read_fd: int, write_fd: int, exchange_fd: int | None, door_fd: int | None):
         self.read_fd, self.write_fd = read_fd, write_fd
         self.exchange = exchange.Exchange(exchange_fd, writable=False)
+        self.door = socket.socket(fileno=door_fd) if door_fd is not None else None  # hands evo the pool
+        self.pool: pool.Pool | None = None  # where candidates' inputs are handed over
+        self.twin: torch.Tensor | None = None  # the reference's own windows are copied here, as a candidate's to the pool
+        self.staged: torch.Tensor | None = None  # the window's inputs laid out as they are handed over (pool.gather)
+        self.staged_at = 0  # the pool's byte where they go
         self.trials: dict[int, dict] = {}  # seed -> inputs, reference outputs in fp32 and fp64
         self.expected: dict[int, list] = {}  # seed -> reference outputs of timed calls, on the device
         self.tolerance: dict | None = None  # widest tolerance the correctness trials used
-        self.window: list = []  # (seed, inputs) of the next window of reference calls
+        self.window: list = []  # (seed, inputs) of the next window: the reference's calls, or a candidate's
 
     def reply(self, header: dict, payload: bytes = b"") -> None:
         wire.write_frame(self.write_fd, header, payload)
@@ -83,6 +91,8 @@ class Checker:
             "init_seed": self.init_seed, "generate_on_device": self.generate_on_device,
             "outputs": [harness.tensor_meta(out) for out in outputs],
             "inputs": [harness.tensor_meta(tensor) for tensor in inputs],
+            # a call's inputs in the pool, from any offset: their whole storages, aligned
+            "pool_bytes_per_call": pool.layout([inputs], 0)[1] + pool.ALIGNMENT,
             "flops": ceilings.count_flops(self.models["eager"], inputs),
             "float64_reference": self.model64 is not None,
             "ceilings": measured, "facts": harness.device_facts(self.device),
@@ -123,6 +133,9 @@ class Checker:
     def op_begin(self, _msg: dict, _payload) -> None:
         """A new candidate: nothing of the previous one's trials, timed outputs or tolerance stays."""
         self.trials, self.expected, self.tolerance, self.window = {}, {}, None, []
+        if self.pool is not None:  # what the previous candidate was handed is not there for the next
+            self.pool.bytes.zero_()
+            self.clock.synchronize()
         # The allocator keeps its blocks: the next candidate needs the same ones, and a turn that
         # takes memory from the driver again waited tens of milliseconds per block (H200).
         gc.collect()
@@ -182,13 +195,60 @@ class Checker:
         else:
             self.tolerance = {key: max(self.tolerance[key], tolerance[key]) for key in tolerance}
 
+    # ---- inputs handed over --------------------------------------------------------------
+
+    def op_pool(self, msg: dict, _payload) -> None:
+        """A pool of at least `bytes`, made zeroed unless the current one is that large; its
+        descriptor follows the reply on the door, for evo to hand to candidate processes."""
+        if self.pool is None or self.pool.nbytes < msg["bytes"]:
+            if self.pool is not None:
+                os.close(self.pool.fd)
+            self.pool = None
+            self.pool = pool.Pool.create(msg["bytes"], self.device)
+            self.pool.bytes.zero_()
+            self.clock.synchronize()
+        self.reply({"pool_bytes": self.pool.nbytes})
+        socket.send_fds(self.door, [b"p"], [self.pool.fd])
+
+    def make_window(self, seeds: list[int], start: int) -> list:
+        """Make a window's inputs and lay them out from the pool's byte `start` on; their places."""
+        self.window, self.staged = None, None
+        self.window = [(seed, harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device))
+                       for seed in seeds]
+        inputs = [inputs for _, inputs in self.window]
+        specs, end = pool.layout(inputs, start)
+        self.staged, self.staged_at = pool.gather(inputs, specs, start, end), start
+        return specs
+
+    def op_stage(self, msg: dict, _payload) -> None:
+        """Make a candidate's window of inputs here, and say where each will be in the pool once
+        published; the candidate's process learns the layout, not the bytes."""
+        specs = self.make_window(msg["seeds"], msg["start"])
+        self.window = []  # the staged bytes are all the handing over needs
+        if self.pool is None or self.staged_at + self.staged.numel() > self.pool.nbytes:
+            raise RuntimeError("the window's inputs reach beyond the input pool's end")
+        self.clock.synchronize()
+        self.reply({"inputs": specs})
+
+    def op_publish(self, msg: dict, _payload) -> None:
+        """Copy the window's inputs into the pool (a candidate's) or into the twin (the reference's
+        own: the same copy while its clock runs), and wait for the copy to land."""
+        nbytes = self.staged.numel()
+        if msg["into"] == "pool":
+            self.pool.bytes[self.staged_at: self.staged_at + nbytes].copy_(self.staged)
+        else:
+            self.twin[:nbytes].copy_(self.staged)
+        self.clock.synchronize()
+        self.reply({"ok": True})
+
     # ---- the reference as a timed subject -------------------------------------------------
 
     def op_prepare(self, msg: dict, _payload) -> None:
-        self.window = None
-        self.window = [(seed, harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device))
-                       for seed in msg["seeds"]]
-        # The same work as the candidate's prepare, since the parent's clock covers it.
+        self.make_window(msg["seeds"], 0)
+        if self.twin is None or self.twin.numel() < self.staged.numel():
+            self.twin = None
+            self.twin = torch.empty(self.staged.numel(), dtype=torch.uint8, device=self.device)
+        # The same work as the candidate's prepare.
         harness.poison_allocator(self.device, self.poison_sizes * len(self.window))
         self.clock.synchronize()
         self.reply({"ready": True})
@@ -240,11 +300,12 @@ class Checker:
 
 
 def main() -> None:
-    read_fd, write_fd, exchange_fd = harness.channel_from_argv()
+    read_fd, write_fd, given = harness.channel_from_argv()
+    exchange_fd, door_fd = (given + [None, None])[:2]
     harness.start_device()
     ceilings.warm_flop_counter()
     gc.freeze()  # what is loaded by now lives as long as the process: the collections between candidates skip it
-    Checker(read_fd, write_fd, exchange_fd).serve()
+    Checker(read_fd, write_fd, exchange_fd, door_fd).serve()
 
 
 if __name__ == "__main__":

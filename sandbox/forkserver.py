@@ -170,7 +170,7 @@ def keep_only(fds: list[int]) -> None:
 
 
 def main() -> None:
-    read_fd, write_fd, socket_fd = harness.channel_from_argv()
+    read_fd, write_fd, (socket_fd,) = harness.channel_from_argv()
     harness.forbid_tracing()
     # What is loaded now is never collected: a fork's collector skips it rather than walk (and
     # copy, page by page) the hundreds of megabytes it shares with this process.

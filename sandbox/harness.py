@@ -362,8 +362,9 @@ def cpu_name() -> str:
     return "unknown"
 
 
-def channel_from_argv() -> tuple[int, int, int | None]:
-    """The (read, write) file descriptors of the message channel, named in argv[1], and the
-    exchange buffer's where evo gave one."""
+def channel_from_argv() -> tuple[int, int, list[int]]:
+    """The (read, write) file descriptors of the message channel, named in argv[1], and those
+    evo handed over beside it: the exchange buffer's and the input pool's socket (checker and
+    timed candidate process), or the fork server's socket."""
     fds = [int(part) for part in sys.argv[1].split(",")]
-    return fds[0], fds[1], fds[2] if len(fds) > 2 else None
+    return fds[0], fds[1], fds[2:]

@@ -15,7 +15,6 @@ evaluator should do, so it starts failing (XPASS) the day the hole is closed; th
 from __future__ import annotations
 
 import ast
-import json
 import shutil
 from pathlib import Path
 
@@ -24,9 +23,8 @@ import pytest
 from conftest import CPU_CANDIDATES, TASKS, failed_names
 from evo import isolation
 from evo.config import VerifyPolicy
-from evo.evaluator import OWN_PACE_WINDOWS, verify
+from evo.evaluator import verify
 from evo.sandbox.hooks import REDUCED_PRECISION_FLAGS
-from evo.timing import lower_quartile
 from evo.verdict import Verdict
 
 RELU = TASKS / "cpu_relu.py"  # 16 x 16384 fp32 (1 MiB)
@@ -92,7 +90,6 @@ CHEATS = [
     ("frame_theft", RELU, ("values",), (), {}),
     pytest.param("proc_theft", RELU, ("values",), (), {}, marks=needs_pid_namespace),
     ("patched_comparisons", RELU, ("values",), (), {}),
-    ("input_generator_patch", RELU, ("values",), (), {}),
     # Not a plain dense tensor on the right device.
     ("lazy_subclass", RELU, ("output_type",), (), {}),
     ("lazy_forged_type", RELU, ("output_type", "timer_consistency"), (), {}),
@@ -106,12 +103,11 @@ CHEATS = [
     ("timer_patch_small", RELU, ("timer_consistency",), ("values",), {}),
     ("forged_reply", RELU, ("timer_consistency",), ("values",), {}),
     ("malformed_details", RELU, ("runs",), (), {}),
-    ("prepare_hook_instant", MATMUL, ("speed_of_light",), ("values", "timed_outputs"), {}),
-    ("prepare_hook_padded", MATMUL, ("input_preparation",), ("values", "timed_outputs"), {}),
-    pytest.param("prepare_hook_small", MATMUL_SMALL, ("input_preparation",), ("values", "timed_outputs"), {},
-                 marks=hole("the input_preparation bound (2x the reference's time + 1 ms) is looser than the whole "
-                            "work of a small task: torch.matmul of 128^3 done while inputs are made is not seen, and "
-                            "the copy forward returns is above the speed of light")),
+    # Answers computed while the window is prepared are answers to what the input pool held then
+    # (another window's inputs, or zeros): the inputs arrive only once the window's clock runs.
+    ("prepare_hook_instant", MATMUL, ("values",), (), {}),
+    ("prepare_hook_padded", MATMUL, ("values",), (), {}),
+    ("prepare_hook_small", MATMUL_SMALL, ("values",), (), {}),
     # Caches and stored answers.
     ("shape_cache", RELU, ("values",), (), {}),
     ("precomputed_constant", RELU, ("values",), (), {}),
@@ -168,31 +164,14 @@ def test_cheat_is_rejected_by_its_check(run_verify, candidate, task, meant, must
         assert name in passed_names(verdict), f"{name} should have passed (caught where meant); " + explain(verdict)
 
 
-@pytest.mark.parametrize("candidate, task, check", [("timer_patch", RELU, "timer_consistency"),
-                                                     ("prepare_hook_padded", MATMUL, "input_preparation")])
+@pytest.mark.parametrize("candidate, task, check", [("timer_patch", RELU, "timer_consistency")])
 def test_work_hidden_outside_the_timer_is_timed_again_before_it_is_rejected(run_verify, candidate, task, check):
-    """A stalled host can look like a tampered timer, or like work done while inputs are made,
-    once; the candidate is timed again on fresh inputs, and the hidden work shows the second
-    time too."""
+    """A stalled host can look like a tampered timer once; the candidate is timed again on fresh
+    inputs, and the hidden work shows the second time too."""
     verdict = run_verify(task, CPU_CANDIDATES / f"{candidate}.py", device="cpu")
     assert check in failed_names(verdict), explain(verdict)
     assert any(f"failed {check}" in warning and "timed again on fresh inputs" in warning
                for warning in verdict.warnings), verdict.warnings
-
-
-def test_the_pace_a_candidate_process_is_held_to_is_timed_before_its_code_is_imported(run_verify, tmp_path,
-                                                                                      monkeypatch):
-    """prepare_hook_padded makes every input making tens of milliseconds longer from the moment
-    it is imported; its process made inputs before that, and is held to that pace."""
-    dump = tmp_path / "timing.jsonl"
-    monkeypatch.setenv("EVO_TIMING_DUMP", str(dump))
-    verdict = run_verify(MATMUL, CPU_CANDIDATES / "prepare_hook_padded.py", device="cpu")
-    figures = {line["subject"]: line["prepare_ms"] for line in map(json.loads, dump.read_text().splitlines())}
-    before, timed = figures["candidate before import"], figures["candidate"]
-    assert len(before) == OWN_PACE_WINDOWS and max(before) < min(timed) / 5, figures
-    check = next(check for check in verdict.checks if check.name == "input_preparation")
-    assert not check.passed, explain(verdict)
-    assert f"its own {lower_quartile(before):.3f} ms before its code was imported" in check.detail, check.detail
 
 
 # ---- honest candidates -------------------------------------------------------------------------
@@ -253,17 +232,20 @@ def test_pointer_cache_gains_nothing(run_verify):
     assert verdict.timings.candidate.min_ms >= 5.0, explain(verdict)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "hole: the thread computes on the other core while the main thread makes the inputs and replies, where "
-    "neither clock of the parent sees a second core's work; on this project's 2-core machine in session 20 it "
-    "was verified at 2.07x, 0.65x, 0.44x and 1.66x at 3fb92b9, and at 1.36x (in the suite), 1.57x, 0.48x, "
-    "0.83x, 0.48x with the input making held to the process's own pace"))
+def test_a_candidate_cannot_change_the_inputs_it_is_handed(run_verify):
+    """input_generator_patch replaces the harness's input generator in its process with one that
+    makes zeros, whose answer is zeros. The checker makes the inputs and hands them over, so the
+    patch changes nothing: its honest forward is judged on the inputs the checker made."""
+    verdict = run_verify(RELU, CPU_CANDIDATES / "input_generator_patch.py", device="cpu")
+    assert verdict.verdict == "verified", explain(verdict)
+
+
 def test_work_done_while_the_cache_is_flushed_buys_no_speedup(run_verify):
-    """flush_window_thread's thread computes the answers while the trusted flusher works, between
-    the input preparation's reply and the run: verified at 1.40x and 1.52x the eager reference on
-    this project's 2-core machine while nothing held the subject still there. Held, its thread
-    works only where the parent's clocks see it, or on the other core beside the input making and
-    the timed calls: 0.73x to 1.20x in six earlier runs, up to 2.07x in session 20."""
+    """flush_window_thread's thread computes the answers as the window is prepared, to be ready
+    while the trusted flusher works: verified at up to 2.07x the eager reference on this
+    project's 2-core machine (session 20) while the candidate's process made its own inputs.
+    Handed over in the pool, the inputs are not there while it prepares: its thread computes
+    answers to other inputs, which its content-keyed lookup never finds."""
     verdict = run_verify(MATMUL_SMALL, CPU_CANDIDATES / "flush_window_thread.py", device="cpu")
     assert verdict.verdict == "rejected" or verdict.speedup < 1.3, explain(verdict)
 
@@ -356,7 +338,8 @@ def test_build_budget():
 def test_every_candidate_is_in_a_table_and_says_what_it_is():
     listed = {param.values[0] if hasattr(param, "values") else param[0] for param in CHEATS}
     listed |= {name for name, _ in HONEST} | {"honest_content_cache", "pointer_cache", "task_tamper", "cache_poisoning",
-                                                "noop_extension", "cache_key_forgery", "flush_window_thread"}
+                                                "noop_extension", "cache_key_forgery", "flush_window_thread",
+                                                "input_generator_patch"}
     files = {path.stem for path in CPU_CANDIDATES.glob("*.py")}
     assert files == listed, f"not tested: {sorted(files - listed)}; missing files: {sorted(listed - files)}"
     for path in CPU_CANDIDATES.glob("*.py"):

@@ -164,7 +164,8 @@ CHEATS = [
     # ends the window waits for the kernels, so the parent's clock does.
     ("side_stream_unsynced.py", MATMUL, ("timer_consistency",), ("values", "timed_outputs"), MATMUL_POLICY),
     ("late_finish_side_stream.py", MATMUL, ("timer_consistency", "output_binding"), ("values",), MATMUL_POLICY),
-    ("prepare_hook.py", MATMUL_BIG, ("speed_of_light",), ("values", "timed_outputs"), BIG_POLICY),
+    # Answers computed as a window is prepared: to what the input pool held then, not to its inputs.
+    ("flush_window_kernels.py", MATMUL, ("values",), (), MATMUL_POLICY),
     # precision
     ("tf32_at_import.py", MATMUL, ("global_flags",), (), MATMUL_POLICY),
     ("matmul_precision_in_forward.py", MATMUL, ("global_flags",), (), MATMUL_POLICY),
@@ -208,14 +209,10 @@ def test_illegal_memory_access_costs_only_its_own_verdict(run_verify):
 def test_cheat_is_timed_at_the_honest_kernels_speed(run_verify, candidate):
     """A content-keyed cache never hits (every call has fresh inputs from secret seeds): it runs
     the honest tiled kernel, so it may not look faster than that kernel beyond noise. It keeps
-    every output it computed, so each window's inputs are made in freshly mapped device memory:
-    input_preparation may reject it for that time, which it gains nothing from either."""
+    every output it computed, which costs it the allocator's cache, and it gains nothing from that either."""
     honest = verdict_of(run_verify, MATMUL, "honest_matmul_tiled.py", **MATMUL_POLICY)
     sneaky = verdict_of(run_verify, MATMUL, candidate, **MATMUL_POLICY)
     assert honest.verdict == "verified", explain(honest)
-    if sneaky.verdict == "rejected":
-        assert failed_names(sneaky) == ["input_preparation"], explain(sneaky)
-        return
     assert sneaky.verdict == "verified", explain(sneaky)
     assert sneaky.timings.candidate.median_ms >= 0.7 * honest.timings.candidate.median_ms, (
         f"{candidate} measured {sneaky.timings.candidate.median_ms:.4f} ms per call, the same kernel run honestly "
@@ -253,40 +250,15 @@ def test_forged_extension_ledger(run_verify):
 
 
 @pytest.mark.gpu
-def test_prepare_hook_on_a_launch_bound_task(run_verify):
-    """On a task whose speed of light is below a launch, only input_preparation can see this:
-    the 224 launches of its answers while the inputs are made (3.2-6.6 ms per window in four runs
-    of session 20, against its process's own pace of 1.3-2.2 ms before the candidate was imported)."""
-    verdict = run_verify(SIN_CHAIN, CUDA_CANDIDATES / "prepare_hook.py", device="cuda")
-    assert verdict.verdict == "rejected", explain(verdict)
-
-
-@pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason=(
-    "hole: the answers' launches while the inputs are made are about 1.4-2.8 ms per window of 32, within "
-    "reach of input_preparation's bound: rejected in both runs of session 20, once by 0.1 ms (4.734 ms "
-    "against 4.636 allowed; 5.371 against 3.588)"))
-def test_answers_computed_as_the_inputs_are_made_on_a_memory_bound_task(run_verify):
-    """prepare_hook on the ReLU: its work while the inputs are made is 32 launches of a kernel
-    that takes microseconds, and the stored answer it returns is above the speed of light."""
-    verdict = run_verify(RELU, CUDA_CANDIDATES / "prepare_hook.py", device="cuda")
-    assert verdict.verdict == "rejected" or verdict.speedup < 1.2, explain(verdict)
-
-
-@pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason=(
-    "hole: the launches of its answers while the inputs are made cost about 0.5-1 ms per window of 6, near "
-    "input_preparation's slack (30% of its process's own pace + 0.3 ms); the bound's base came down from twice "
-    "the reference's + 1 ms in session 20, and it was rejected in three of four runs then (1.998 ms against "
-    "1.559 allowed, 1.677 against 1.308, 1.997 against 1.650) and passed in the fourth (1.61 against 1.73), "
-    "which timed its calls at 0.137 ms against the reference's 0.342"))
-def test_device_work_queued_as_the_inputs_are_made_buys_no_speedup(run_verify):
-    """flush_window_kernels queues the task's own work on a side stream as the input
-    preparation replies, to run while the trusted flusher works. The subject's host is held still
-    during the flush, and on a GPU the run's clock starts as the inputs are reported made, so what
-    its device still runs then shows; what runs while it launches lands in the input making's
-    time, within its bound when that is short."""
-    verdict = run_verify(MATMUL, CUDA_CANDIDATES / "flush_window_kernels.py", device="cuda", **MATMUL_POLICY)
+@pytest.mark.parametrize("task", [SIN_CHAIN, RELU], ids=["sin_chain", "relu"])
+def test_inputs_are_not_in_the_candidate_process_before_its_clock_starts(run_verify, task):
+    """prepare_hook computes each call's answer the moment its process makes the call's inputs,
+    and returns it from forward: 224 stored answers per window of the sin chain's 32 launches,
+    passed at many times the reference's speed while the candidate's process made its own inputs
+    (sessions 18-20, on tasks whose speed of light is below a launch). The inputs are handed
+    over now (the checker copies them to the pool as the clock starts): its hook never sees
+    them, it computes in forward, and is timed doing so."""
+    verdict = run_verify(task, CUDA_CANDIDATES / "prepare_hook.py", device="cuda")
     assert verdict.verdict == "rejected" or verdict.speedup < 1.5, explain(verdict)
 
 
@@ -300,7 +272,7 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
     before = verify(MATMUL_BIG, CUDA_CANDIDATES / "prepare_hook.py", policy, cache_dir=tmp_path)
     verify(RELU, CUDA_CANDIDATES / "poison_ceilings.py", policy, cache_dir=tmp_path)
     after = verify(MATMUL_BIG, CUDA_CANDIDATES / "prepare_hook.py", policy, cache_dir=tmp_path)
-    assert after.verdict == "rejected", explain(after)
+    assert before.roofline is not None and after.roofline is not None, explain(after)
     # The poison multiplies every ceiling by a million; measurements of one device agree far closer.
     for name, value in before.roofline.ceilings.items():
         assert after.roofline.ceilings[name] < 2 * value, (name, value, after.roofline.ceilings[name])
@@ -311,8 +283,7 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
 
 # Candidates tested outside the HONEST and CHEATS tables.
 OTHERS = {"illegal_address.py", "honest_relu.py", "content_cache.py", "decoy_kernel.py",
-          "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py",
-          "poison_ceilings.py", "flush_window_kernels.py"}
+          "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py", "poison_ceilings.py"}
 
 
 def extension_builds(path: Path):

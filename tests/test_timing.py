@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -15,8 +14,7 @@ import torch
 
 from evo.sandbox import harness
 from evo.sandbox_runner import SandboxProcess
-from evo.timing import (Samples, calibration, host_pace_warning, input_preparation, timer_consistency,
-                        window_allocations)
+from evo.timing import Samples, calibration, host_pace_warning, timer_consistency, window_allocations
 
 CALLS = 8
 
@@ -32,13 +30,11 @@ def windows(event_ms: float, outside_ms: float, prepare_ms: float, count: int = 
 QUIET_REFERENCE = windows(0.5, outside_ms=1.0, prepare_ms=2.0)
 BUSY_REFERENCE = windows(0.5, outside_ms=6.0, prepare_ms=12.0)  # the host was busy while it was timed
 HIDING_TIMER = windows(0.05, outside_ms=1.0 + 0.45 * CALLS, prepare_ms=2.0)  # reports a tenth of 0.5 ms
-HIDING_IN_INPUTS = windows(0.5, outside_ms=1.0, prepare_ms=10.0)  # does its work while its inputs are made
 
 
 def test_the_calibration_is_the_least_of_the_reference_timings():
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert protocol.overhead_ms == QUIET_REFERENCE.overhead_ms() == 1.0
-    assert protocol.prepare_ms == QUIET_REFERENCE.prepare_ms() == 2.0
     assert calibration(BUSY_REFERENCE).overhead_ms == 6.0
 
 
@@ -52,45 +48,13 @@ def test_a_quiet_timing_of_the_reference_beside_the_busy_one_catches_the_timer()
     assert not check.passed and "tampered" in check.detail
 
 
-def test_work_hidden_in_input_making_is_judged_against_the_quiet_timing():
-    assert input_preparation(calibration(BUSY_REFERENCE), HIDING_IN_INPUTS, "cuda").passed
-    check = input_preparation(calibration(BUSY_REFERENCE, QUIET_REFERENCE), HIDING_IN_INPUTS, "cuda")
-    assert not check.passed and "outside its timer" in check.detail
-
-
 def test_an_honest_candidate_beside_a_quiet_reference_passes():
     honest = windows(0.2, outside_ms=1.05, prepare_ms=2.1)
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
-    assert input_preparation(protocol, honest, "cuda").passed
 
 
-def test_input_making_is_held_to_the_candidate_process_own_pace_when_that_is_slower():
-    """A process's pace moves by tens of percent from one to the next: the candidate's process
-    made inputs before its code was imported, and that pace is the base when it is the slower."""
-    slow_process = windows(0.2, outside_ms=1.05, prepare_ms=4.2)
-    quiet = calibration(QUIET_REFERENCE)
-    assert not input_preparation(quiet, slow_process, "cuda").passed
-    check = input_preparation(dataclasses.replace(quiet, own_prepare_ms=4.0), slow_process, "cuda")
-    assert check.passed and "its own 4.000 ms before its code was imported" in check.detail
-    # Its own pace, not the reference's, then bounds what it may hide there.
-    check = input_preparation(dataclasses.replace(quiet, own_prepare_ms=4.0), HIDING_IN_INPUTS, "cuda")
-    assert not check.passed and "allowed 5.500 ms" in check.detail
-    # A process that was quicker than the reference before its code came is held to the reference's.
-    check = input_preparation(dataclasses.replace(quiet, own_prepare_ms=1.0), windows(0.2, 1.05, 2.8), "cuda")
-    assert check.passed and "allowed 2.900 ms" in check.detail
-    assert not input_preparation(dataclasses.replace(quiet, own_prepare_ms=1.0), windows(0.2, 1.05, 3.0), "cuda").passed
-
-
-def test_a_cpu_window_may_take_longer_to_make_than_a_gpu_window():
-    """One call per window on a loaded 2-core host: its input making jitters by milliseconds."""
-    protocol = dataclasses.replace(calibration(QUIET_REFERENCE), own_prepare_ms=2.0)
-    assert not input_preparation(protocol, windows(0.2, 1.05, 4.5), "cuda").passed
-    assert input_preparation(protocol, windows(0.2, 1.05, 4.5), "cpu").passed
-    assert not input_preparation(protocol, windows(0.2, 1.05, 5.5), "cpu").passed
-
-
-def test_the_timing_dump_has_each_windows_figures_input_making_included(tmp_path, monkeypatch):
+def test_the_timing_dump_has_each_windows_figures_preparation_included(tmp_path, monkeypatch):
     dump = tmp_path / "timing.jsonl"
     monkeypatch.setenv("EVO_TIMING_DUMP", str(dump))
     samples = Samples()
@@ -119,19 +83,14 @@ def test_a_call_mostly_spent_launching_is_flagged_as_host_paced():
 
 def test_a_window_reservation_is_what_making_the_window_allocates_in_order(monkeypatch):
     """TaskSession.reserve_window has a candidate's process take blocks of these sizes, so that
-    making a window finds each of its allocations cached, and the NaN-filled blocks are still
-    the ones the outputs land on: the input sets, then harness.poison_allocator's blocks."""
-    def get_inputs():
-        return [torch.randn(3, 5), torch.ones(7, dtype=torch.float64)]
-
+    preparing a window finds each of its allocations cached, and the NaN-filled blocks are still
+    the ones the outputs land on: harness.poison_allocator's blocks (the inputs are in the pool)."""
     window, output_sizes = 3, [40, 12]
-    made = [harness.make_inputs(get_inputs, seed, "cpu", False) for seed in range(window)]
     poisoned, empty = [], torch.empty
     monkeypatch.setattr(torch, "empty", lambda nbytes, **kwargs: poisoned.append(nbytes) or empty(nbytes, **kwargs))
     harness.poison_allocator("cpu", output_sizes * window)
-    facts = {"inputs": [{"nbytes": tensor.nbytes} for tensor in made[0]],
-             "outputs": [{"nbytes": nbytes} for nbytes in output_sizes]}
-    assert window_allocations(facts, window) == [tensor.nbytes for inputs in made for tensor in inputs] + poisoned
+    facts = {"inputs": [{"nbytes": 60}, {"nbytes": 56}], "outputs": [{"nbytes": nbytes} for nbytes in output_sizes]}
+    assert window_allocations(facts, window) == poisoned
 
 
 def output_shapes_a_window_may_hold(device: str) -> list[torch.Tensor]:

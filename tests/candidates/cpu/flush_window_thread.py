@@ -4,11 +4,11 @@ harness.poison_allocator) only starts a thread, so the preparation takes little 
 reference's; the thread computes the answers with torch.matmul while the parent has the flusher
 write its buffer, and forward returns a copy of the stored answer (a few microseconds on this
 small task, above the speed of light).
-Caught by: the protocol itself, not one check. The subject is held still (SIGSTOP) while the
-flusher works, so the thread computes only where the parent's clocks see it (input_preparation,
-timer_consistency) or beside the timed calls, which it slows: it buys no speedup beyond what a
-thread answering later calls on the other core gains
-(test_work_done_while_the_cache_is_flushed_buys_no_speedup).
+Caught by: the protocol itself, not one check. The inputs reach the input pool only while the
+subject is held, after the flush, so the thread computes answers to what the pool held before;
+its content-keyed lookup never finds them, and forward does the work in its timed call
+(test_work_done_while_the_cache_is_flushed_buys_no_speedup). While the candidate's process made
+its own inputs, the thread's work on the other core was verified at up to 2.07x.
 """
 
 import sys

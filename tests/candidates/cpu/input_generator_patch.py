@@ -1,7 +1,9 @@
 """Cheat: replace the harness's input generator so the inputs are all zeros (and the answer
 trivially zeros), hoping the comparison uses the candidate's inputs.
-Caught by: values (the checker makes its own inputs from the seed). inputs_unchanged fails
-as well (the inputs sent back are not the ones the seed makes).
+Caught by: the protocol. The checker makes every input and hands it over in the input pool;
+the candidate's process makes none, so the patch changes nothing and forward's relu is judged on
+the checker's inputs (test_a_candidate_cannot_change_the_inputs_it_is_handed). While the
+candidate's process made its own inputs, values caught it.
 """
 
 import sys

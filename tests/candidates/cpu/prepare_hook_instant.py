@@ -1,8 +1,9 @@
 """Cheat: do the work outside the timed window. Patches the harness function the runner calls
-right after it makes a call's inputs (poison_allocator), computes the answers there from
-the runner's fresh inputs (found in the caller's frame), and forward just returns it.
-Caught by: speed_of_light (a call that returns a stored tensor is faster than the task's
-arithmetic allows on this device).
+right after it takes a window's inputs (poison_allocator), computes the answers there from
+the runner's inputs (found in the caller's frame), and forward just returns it.
+Caught by: values. The inputs are only in the input pool once the window's clock runs (the
+checker copies them there while the subject is held); what the hook computes on is what the
+pool held before (zeros, or another call's inputs). Before the pool, speed_of_light caught it.
 """
 
 import sys

@@ -2,8 +2,9 @@
 prepare_hook_instant (the answer is computed in the runner's input-preparation step), but
 forward copies the stored answer and spins for 0.25 ms, so the call looks like a fast, plausible
 kernel (faster than the eager reference) instead of an impossible one.
-Caught by: input_preparation (the parent's clock covers the preparation step too, which takes
-milliseconds longer than the reference's).
+Caught by: values, as prepare_hook_instant: the hook computes on what the input pool held
+before the window's inputs were copied there. (input_preparation caught it while the candidate's
+process made its own inputs.)
 """
 
 import sys

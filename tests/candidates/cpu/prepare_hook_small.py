@@ -4,8 +4,9 @@ patched harness.poison_allocator), here with torch.matmul, which takes a few hun
 millisecond on this small task; forward returns a copy of the stored answer, so each call
 reports a few microseconds: several times faster than the eager reference, above the speed of
 light, with no work in it.
-Meant to be caught by: input_preparation. Its bound on a CPU (twice its process's own pace
-before import, or the reference's, plus 1 ms) is looser than the whole work of a small task: a hole.
+Caught by: values, as prepare_hook_instant: the hook computes on what the input pool held
+before the window's inputs were copied there. While the candidate's process made its own
+inputs, it was a hole: input_preparation's bound was looser than the whole work of this task.
 """
 
 import sys

@@ -3,9 +3,12 @@ harness.make_inputs (looked up in sys.modules at every call); the candidate wrap
 moment a call's inputs exist it computes the answer with the task's own Model (built with the
 same seed as the checker's, so with the same weights) and stores it; forward launches a no-op
 NVRTC kernel (so custom code runs) and returns the stored answer.
-Caught by: speed_of_light on a compute-bound task (a call that returns a stored tensor is faster
-than the device can do the task's arithmetic). On a task whose speed of light is below a call's
-launch overhead nothing catches it today (see test_prepare_hook_on_a_launch_bound_task).
+Caught by: the protocol itself. A candidate's process no longer makes its inputs: the checker
+copies them into the input pool as the window's clock starts, so the wrapped make_inputs runs
+only in the profiled call's process and forward computes every timed answer itself
+(test_inputs_are_not_in_the_candidate_process_before_its_clock_starts). While the candidate's
+process made its own inputs, it passed at many times the reference's speed on tasks whose speed
+of light is below a launch.
 """
 
 import sys
