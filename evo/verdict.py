@@ -15,10 +15,12 @@ class Check(BaseModel):
 
 
 class TimingStats(BaseModel):
-    median_ms: float  # per call: the timer's median plus charged_ms
+    # Per call, as a window's mean call (its calls run back to back; only their total is theirs),
+    # plus charged_ms: the median over the windows
+    median_ms: float
     charged_ms: float = 0.0  # per call: time the parent's clock saw outside the timer beyond the reference's
-    iqr_ms: float  # interquartile range of the per-call times: the spread
-    min_ms: float
+    iqr_ms: float  # interquartile range of the windows' mean calls: the spread
+    min_ms: float  # the least window's mean call
     mean_ms: float
     calls: int
     wall_median_ms: float  # per call, as the parent's own clock saw it (includes the message round trip)

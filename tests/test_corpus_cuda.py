@@ -263,6 +263,16 @@ def test_inputs_are_not_in_the_candidate_process_before_its_clock_starts(run_ver
 
 
 @pytest.mark.gpu
+def test_work_moved_between_the_calls_of_a_window_buys_no_speedup(run_verify):
+    """window_ahead does each window's work in its first call (every input set of a window exists
+    when it starts) and returns stored answers from the others after a spin: by the median of its
+    calls it was verified at 14.07x and 12.23x the eager reference on the sin chain (session 21,
+    H200), its mean call as slow as the reference's. A window's calls are timed as a whole now."""
+    verdict = run_verify(SIN_CHAIN, CUDA_CANDIDATES / "window_ahead.py", device="cuda")
+    assert verdict.verdict == "rejected" or verdict.speedup < 1.5, explain(verdict)
+
+
+@pytest.mark.gpu
 def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
     """Invariant 5: nothing a candidate does may change what the next candidate is measured
     against. A fresh cache of its own, so the session's cache stays clean. (Ceilings are now
@@ -283,7 +293,8 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
 
 # Candidates tested outside the HONEST and CHEATS tables.
 OTHERS = {"illegal_address.py", "honest_relu.py", "content_cache.py", "decoy_kernel.py",
-          "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py", "poison_ceilings.py"}
+          "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py", "poison_ceilings.py",
+          "window_ahead.py"}
 
 
 def extension_builds(path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,19 @@ def test_an_honest_candidate_beside_a_quiet_reference_passes():
     honest = windows(0.2, outside_ms=1.05, prepare_ms=2.1)
     protocol = calibration(BUSY_REFERENCE, QUIET_REFERENCE)
     assert timer_consistency(protocol, honest, "cuda")[0].passed
+
+
+def test_work_moved_between_the_calls_of_a_window_moves_no_time_out_of_it():
+    """A window's calls run back to back on input sets that all exist when it starts: a first call
+    that does the whole window's work, and later calls that only spin, take the honest window's
+    total, and that total over its calls is what each call is reported to take."""
+    honest, ahead = Samples(), Samples()
+    for _ in range(5):
+        honest.add_window([0.2] * CALLS, 0.2 * CALLS + 1.0, 0.5)
+        ahead.add_window([0.2 * CALLS - 0.01 * (CALLS - 1)] + [0.01] * (CALLS - 1), 0.2 * CALLS + 1.0, 0.5)
+    assert ahead.stats().median_ms == pytest.approx(honest.stats().median_ms) == pytest.approx(0.2)
+    assert statistics.median(ahead.event_ms) == 0.01  # what the median of its calls would have said
+    assert ahead.stats().calls == 5 * CALLS and ahead.stats(charged_ms=0.05).median_ms == pytest.approx(0.25)
 
 
 def test_the_timing_dump_has_each_windows_figures_preparation_included(tmp_path, monkeypatch):
