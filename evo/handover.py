@@ -12,8 +12,8 @@ The reference is timed under the same steps: its own process makes its inputs, a
 
 from __future__ import annotations
 
-from evo.judgement import EvaluatorError
 from evo.sandbox_runner import SandboxProcess
+from evo.session import checker_answer
 from evo.timing import expect
 
 SLOTS = 2  # windows laid out in turn, so that each window's inputs sit where the previous one's did not
@@ -49,7 +49,7 @@ class PooledInputs:
         start = (self.turn % SLOTS) * self.slot_bytes
         self.turn += 1
         staged = self.ask_checker({"op": "stage", "seeds": seeds, "start": start}, timeout * len(seeds),
-                                  "making the inputs")
+                                  "making a candidate's inputs")
         expect(subject.request({"op": "prepare", "inputs": staged["inputs"]}, timeout=timeout)[0],
                "taking the inputs' places")
 
@@ -57,10 +57,7 @@ class PooledInputs:
         """Hold the subject, then copy its inputs to the pool: it sees them only once let go."""
         if hold:
             subject.hold()
-        self.ask_checker({"op": "publish", "into": "pool"}, timeout, "copying the inputs to the pool")
+        self.ask_checker({"op": "publish", "into": "pool"}, timeout, "copying a candidate's inputs to the pool")
 
     def ask_checker(self, message: dict, timeout: float, doing: str) -> dict:
-        reply, _ = self.checker.request(message, timeout=timeout)
-        if "error" in reply:
-            raise EvaluatorError(f"the evaluator's reference checker failed {doing}: {reply['error']}")
-        return reply
+        return checker_answer(self.checker.request(message, timeout=timeout)[0], doing)

@@ -34,6 +34,7 @@ class Checker:
         self.exchange = exchange.Exchange(exchange_fd, writable=False)
         self.door = socket.socket(fileno=door_fd) if door_fd is not None else None  # hands evo the pool
         self.pool: pool.Pool | None = None  # where candidates' inputs are handed over
+        self.call_room = 0  # pool bytes a call's inputs may take, as the parent lays out its slots
         self.twin: torch.Tensor | None = None  # the reference's own windows are copied here, as a candidate's to the pool
         self.staged: torch.Tensor | None = None  # the window's inputs laid out as they are handed over (pool.gather)
         self.staged_at = 0  # the pool's byte where they go
@@ -80,6 +81,7 @@ class Checker:
         inputs = harness.make_inputs(self.get_inputs, probe_seed, self.device, self.generate_on_device)
         outputs = self.call_reference(inputs)
         self.poison_sizes = [out.numel() * out.element_size() for out in outputs]
+        self.call_room = pool.layout([inputs], 0)[1] + pool.ALIGNMENT
         self.output_shapes = [torch.empty(out.shape, dtype=out.dtype, device="meta") for out in outputs]
         for position, out in enumerate(outputs):
             if harness._exact_type(out) is not torch.Tensor:
@@ -91,8 +93,7 @@ class Checker:
             "init_seed": self.init_seed, "generate_on_device": self.generate_on_device,
             "outputs": [harness.tensor_meta(out) for out in outputs],
             "inputs": [harness.tensor_meta(tensor) for tensor in inputs],
-            # a call's inputs in the pool, from any offset: their whole storages, aligned
-            "pool_bytes_per_call": pool.layout([inputs], 0)[1] + pool.ALIGNMENT,
+            "pool_bytes_per_call": self.call_room,
             "flops": ceilings.count_flops(self.models["eager"], inputs),
             "float64_reference": self.model64 is not None,
             "ceilings": measured, "facts": harness.device_facts(self.device),
@@ -225,6 +226,10 @@ class Checker:
         published; the candidate's process learns the layout, not the bytes."""
         specs = self.make_window(msg["seeds"], msg["start"])
         self.window = []  # the staged bytes are all the handing over needs
+        if self.staged.numel() > len(specs) * self.call_room:
+            raise harness.UserCodeError(
+                "get_inputs() made larger inputs for one seed than for another; a task's inputs must have the same "
+                "shapes and dtypes for every seed")
         if self.pool is None or self.staged_at + self.staged.numel() > self.pool.nbytes:
             raise RuntimeError("the window's inputs reach beyond the input pool's end")
         self.clock.synchronize()

@@ -60,7 +60,9 @@ class _Driver:
     def call(self, name: str, *args) -> None:
         status = getattr(self.lib, name)(*args)
         if status != 0:
-            raise PoolError(f"the CUDA driver's {name} returned error {status}")
+            raise PoolError(f"the CUDA driver's {name} returned error {status}: candidates' inputs are handed over in "
+                            "device memory shared as a file descriptor (CUDA virtual memory management), which this "
+                            "GPU or driver refused")
 
     def granularity(self) -> int:
         size = ctypes.c_size_t()

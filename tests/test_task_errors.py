@@ -41,6 +41,7 @@ CASES = [
     ("forward_raises.py", ["reference", "forward", "runtimeerror", "evo-broken-task: the reference refuses",
                            "forward_raises.py, line 7"]),
     ("model_not_module.py", ["model", "not", "nn.module"]),
+    ("inputs_change_size.py", ["get_inputs()", "larger inputs", "same shapes"]),
     ("does_not_exist.py", ["does_not_exist.py", "does not exist"]),
 ]
 
