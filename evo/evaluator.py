@@ -262,12 +262,10 @@ class Evaluation:
             raise EvaluatorError(f"the candidate process could not map the input pool: {mapped['error']}")
 
     def reserve_exchange(self) -> int:
-        """Room in the exchange buffer for what a candidate's process hands back at once: a trial's
-        outputs and inputs, or a timed window's outputs; twice that, so that outputs of a wrong
-        dtype still arrive to be judged."""
+        """Room in the exchange buffer for what a candidate's process hands back at once, a timed
+        window's outputs; twice that, so that outputs of a wrong dtype still arrive to be judged."""
         outputs = sum(meta["nbytes"] for meta in self.task_facts["outputs"])
-        inputs = sum(meta["nbytes"] for meta in self.task_facts["inputs"])
-        return self.session.exchange.reserve(2 * max(outputs + inputs, self.reference.plan.window * outputs))
+        return self.session.exchange.reserve(2 * self.reference.plan.window * outputs)
 
     def load_message(self, process: SandboxProcess) -> dict:
         facts = self.task_facts
@@ -300,14 +298,18 @@ class Evaluation:
         for number, seed in enumerate(self.trial_seeds, 1):
             where = f"trial {number} of {len(self.trial_seeds)}"
             self.doing = where
-            reply = self.run_candidate(seed, {"op": "run", "send_outputs": True, "send_inputs": True,
+            reply = self.run_candidate(seed, {"op": "run", "send_outputs": True,
                                               "exchange_bytes": self.exchange_bytes, "guard_memory": True}, where)
             details, _ = self.runner.receive(self.policy.call_timeout_s)
             described = self.judge_details(details, reply, where)
             self.extension_calls = max(self.extension_calls, details["extension_calls"])
-            verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed,
-                                               **exchanged(details, reply, self.exchange_bytes)},
-                                              timeout=self.policy.call_timeout_s)
+            self.runner.hold()  # while the checker reads the call's inputs in the pool as it left them
+            try:
+                verdict, _ = self.checker.request({"op": "compare_trial", "seed": seed,
+                                                   **exchanged(details, reply, self.exchange_bytes)},
+                                                  timeout=self.policy.call_timeout_s)
+            finally:
+                self.runner.release()
             if "error" in verdict:  # what the candidate's process sent did not describe its outputs
                 self.judgement.reject("runs", f"{where}: the checker could not read the outputs the candidate's "
                                               f"process sent ({verdict['error']})")

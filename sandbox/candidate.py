@@ -179,8 +179,7 @@ class Runner:
         if memory is not None:
             details["memory"] = memory
         if msg.get("send_outputs") and plain:
-            sent = everything + (self.window[0] if msg.get("send_inputs") else [])
-            details["tensors"], details["exchanged"] = harness.tensors_to_exchange(sent, self.exchange,
+            details["tensors"], details["exchanged"] = harness.tensors_to_exchange(everything, self.exchange,
                                                                                    msg["exchange_bytes"])
         _write_frame(self.write_fd, details)
 

@@ -38,6 +38,7 @@ class Checker:
         self.twin: torch.Tensor | None = None  # the reference's own windows are copied here, as a candidate's to the pool
         self.staged: torch.Tensor | None = None  # the window's inputs laid out as they are handed over (pool.gather)
         self.staged_at = 0  # the pool's byte where they go
+        self.specs: list = []  # where each of the window's inputs goes in the pool (pool.layout)
         self.trials: dict[int, dict] = {}  # seed -> inputs, reference outputs in fp32 and fp64
         self.expected: dict[int, list] = {}  # seed -> reference outputs of timed calls, on the device
         self.tolerance: dict | None = None  # widest tolerance the correctness trials used
@@ -165,8 +166,8 @@ class Checker:
                      for meta in msg["tensors"][: msg["outputs"]]]
         check = numerics.check_output_meta(described, self.output_shapes)
         if check["passed"]:
-            check = numerics.result("output_shape", False, "the candidate's tensors after the call take more memory "
-                                    "than the reference's outputs and the inputs: something was resized")
+            check = numerics.result("output_shape", False, "the candidate's outputs take more memory than the room "
+                                    "made for them (twice a window of the reference's): something was resized")
         self.reply({"checks": [check]})
         return None
 
@@ -177,7 +178,7 @@ class Checker:
             return
         trial = {key: [tensor.to(self.device) for tensor in value] if value is not None else None
                  for key, value in trial.items()}
-        outputs, inputs_after = received[: msg["outputs"]], received[msg["outputs"]:]
+        outputs = received[: msg["outputs"]]
         checks = [numerics.check_binding(outputs, msg["checksum"])]
         checks.append(numerics.check_output_meta(outputs, trial["fp32"]))
         if checks[-1]["passed"]:
@@ -185,8 +186,18 @@ class Checker:
             verdict, tolerance = numerics.check_values(outputs, trial["fp32"], trial["fp64"], self.policy)
             checks.append(verdict)
             self.widen_tolerance(tolerance)
-        checks.append(numerics.check_inputs_unchanged(inputs_after, trial["inputs"]))
+        checks.append(self.inputs_unchanged(trial["inputs"]))
         self.reply({"checks": checks})
+
+    def inputs_unchanged(self, pristine: list) -> dict:
+        """The trial's inputs as the call left them in the pool, read here, and the bytes of its
+        slot around them (left zero when the inputs were laid out), which no kernel may write."""
+        check = numerics.check_inputs_unchanged([self.pool.tensor(spec) for spec in self.specs[0]], pristine)
+        slot = self.pool.bytes[self.staged_at: self.staged_at + self.staged.numel()]
+        if check["passed"] and not torch.equal(slot, self.staged):
+            return numerics.result("inputs_unchanged", False, "the call wrote into the input pool between or just "
+                                                              "past its inputs; a kernel must not write there")
+        return check
 
     def widen_tolerance(self, tolerance: dict | None) -> None:
         if tolerance is None:
@@ -217,9 +228,9 @@ class Checker:
         self.window = [(seed, harness.make_inputs(self.get_inputs, seed, self.device, self.generate_on_device))
                        for seed in seeds]
         inputs = [inputs for _, inputs in self.window]
-        specs, end = pool.layout(inputs, start)
-        self.staged, self.staged_at = pool.gather(inputs, specs, start, end), start
-        return specs
+        self.specs, end = pool.layout(inputs, start)
+        self.staged, self.staged_at = pool.gather(inputs, self.specs, start, end), start
+        return self.specs
 
     def op_stage(self, msg: dict, _payload) -> None:
         """Make a candidate's window of inputs here, and say where each will be in the pool once

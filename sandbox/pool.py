@@ -19,6 +19,9 @@ import os
 import torch
 
 ALIGNMENT = 256  # of every input's first byte in a slot, as a device allocator would place it
+# Zero bytes left after every input, so that a write just past one lands where the checker looks
+# (its slot's bytes must be as it laid them out after a checked call).
+GAP = 256
 _CU_MEM_ALLOCATION_TYPE_PINNED = 1
 _CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
 _CU_MEM_LOCATION_TYPE_DEVICE = 1
@@ -157,7 +160,8 @@ class Pool:
 
 def layout(window: list[list[torch.Tensor]], start: int) -> tuple[list[list[dict]], int]:
     """Where each input of a window of calls goes in the pool, from byte `start` on: its whole
-    storage (strides and storage offset kept), aligned; and the byte after the last."""
+    storage (strides and storage offset kept), aligned, and a gap after it; and the byte after
+    the last gap."""
     offset, calls = start, []
     for inputs in window:
         specs = []
@@ -167,7 +171,7 @@ def layout(window: list[list[torch.Tensor]], start: int) -> tuple[list[list[dict
             specs.append({"offset": offset, "storage_bytes": storage_bytes, "dtype": str(tensor.dtype).removeprefix("torch."),
                           "shape": list(tensor.shape), "stride": list(tensor.stride()),
                           "storage_offset": tensor.storage_offset()})
-            offset += storage_bytes
+            offset += storage_bytes + GAP
         calls.append(specs)
     return calls, offset
 

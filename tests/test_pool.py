@@ -47,12 +47,13 @@ def test_an_input_read_from_the_pool_is_the_input_that_was_laid_out(device):
             assert read.untyped_storage().nbytes() == tensor.untyped_storage().nbytes()
 
 
-def test_layouts_do_not_overlap_and_stay_within_the_room_made_for_a_call():
+def test_layouts_leave_a_gap_after_each_input_and_stay_within_the_room_made_for_a_call():
+    """A write just past an input lands in a gap of the slot, whose bytes the checker reads back."""
     window = awkward_window("cpu")
     specs, end = pool.layout(window, 7)
     spans = sorted((spec["offset"], spec["offset"] + spec["storage_bytes"]) for call in specs for spec in call)
-    assert all(first[1] <= second[0] for first, second in zip(spans, spans[1:]))
-    assert spans[0][0] >= 7 and spans[-1][1] == end
+    assert all(second[0] - first[1] >= pool.GAP for first, second in zip(spans, spans[1:]))
+    assert spans[0][0] >= 7 and end - spans[-1][1] == pool.GAP
     per_call = max(pool.layout([inputs], 0)[1] for inputs in window) + pool.ALIGNMENT
     assert end - 7 <= len(window) * per_call
 

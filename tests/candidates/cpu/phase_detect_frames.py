@@ -1,5 +1,5 @@
 """Cheat: detect the timing phase by reading the runner's stack frames (the request being
-served asks for the inputs back only in correctness trials) and skip the work while timed.
+served asks for its memory to be watched only in correctness trials) and skip the work while timed.
 Caught by: timed_outputs.
 """
 
@@ -64,7 +64,7 @@ def being_checked() -> bool:
     while frame is not None:
         message = frame.f_locals.get("msg")
         if isinstance(message, dict) and message.get("op") == "run":
-            return bool(message.get("send_inputs"))
+            return bool(message.get("guard_memory"))
         frame = frame.f_back
     return True
 
