@@ -193,11 +193,14 @@ class Checker:
         """The trial's inputs as the call left them in the pool, read here, and the bytes of its
         slot around them (left zero when the inputs were laid out), which no kernel may write."""
         check = numerics.check_inputs_unchanged([self.pool.tensor(spec) for spec in self.specs[0]], pristine)
-        slot = self.pool.bytes[self.staged_at: self.staged_at + self.staged.numel()]
-        if check["passed"] and not torch.equal(slot, self.staged):
+        if check["passed"] and not self.slot_unchanged():
             return numerics.result("inputs_unchanged", False, "the call wrote into the input pool between or just "
                                                               "past its inputs; a kernel must not write there")
         return check
+
+    def slot_unchanged(self) -> bool:
+        """Whether the window's slot of the pool holds what was copied there, byte for byte."""
+        return torch.equal(self.pool.bytes[self.staged_at: self.staged_at + self.staged.numel()], self.staged)
 
     def widen_tolerance(self, tolerance: dict | None) -> None:
         if tolerance is None:
@@ -297,6 +300,9 @@ class Checker:
         calls = [received[position * per_call: (position + 1) * per_call] for position in range(len(msg["seeds"]))]
         checks.append(numerics.check_timed_window(calls, [self.expected_outputs(seed) for seed in msg["seeds"]],
                                                   self.tolerance))
+        if not self.slot_unchanged():
+            checks.append(numerics.result("inputs_unchanged", False, "a timed call wrote into its inputs, or next to "
+                                                                     "them in the input pool; a kernel must not write there"))
         self.reply({"checks": checks})
 
     def expected_outputs(self, seed: int) -> list:
