@@ -290,8 +290,8 @@ class TaskSession:
 
     def reserve_window(self, process: SandboxProcess, timeout: float) -> None:
         """Have a timed candidate process take from the driver, before its turn on the device,
-        the memory of the NaN blocks a window leaves for its outputs, in the order it allocates them: forked processes otherwise spent 0.13 s of the turn there
-        (H200). Only once the reference's plan gives the window's size, and for small windows.
+        the memory of the NaN blocks a window leaves for its outputs, in the order it allocates
+        them: forked processes otherwise spent 0.13 s of the turn there (H200). Only once the reference's plan gives the window's size, and for small windows.
         A refusal (the device's memory is full) leaves the window to allocate as it goes."""
         reference, facts = self.reference, self.task_facts
         if self.device.kind != "cuda" or reference is None or facts is None:

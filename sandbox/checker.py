@@ -35,7 +35,8 @@ class Checker:
         self.door = socket.socket(fileno=door_fd) if door_fd is not None else None  # hands evo the pool
         self.pool: pool.Pool | None = None  # where candidates' inputs are handed over
         self.call_room = 0  # pool bytes a call's inputs may take, as the parent lays out its slots
-        self.twin: torch.Tensor | None = None  # the reference's own windows are copied here, as a candidate's to the pool
+        # The reference's own windows are copied here, as a candidate's are to the pool.
+        self.twin: torch.Tensor | None = None
         self.staged: torch.Tensor | None = None  # the window's inputs laid out as they are handed over (pool.gather)
         self.staged_at = 0  # the pool's byte where they go
         self.specs: list = []  # where each of the window's inputs goes in the pool (pool.layout)
@@ -301,8 +302,8 @@ class Checker:
         checks.append(numerics.check_timed_window(calls, [self.expected_outputs(seed) for seed in msg["seeds"]],
                                                   self.tolerance))
         if not self.slot_unchanged():
-            checks.append(numerics.result("inputs_unchanged", False, "a timed call wrote into its inputs, or next to "
-                                                                     "them in the input pool; a kernel must not write there"))
+            checks.append(numerics.result("inputs_unchanged", False, (
+                "a timed call wrote into its inputs, or next to them in the input pool; a kernel must not write there")))
         self.reply({"checks": checks})
 
     def expected_outputs(self, seed: int) -> list:

@@ -46,6 +46,10 @@ class _AccessDesc(ctypes.Structure):
     _fields_ = [("location", _Location), ("flags", ctypes.c_int)]
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 class PoolError(RuntimeError):
     """The pool could not be made or mapped; the message says which driver call failed."""
 
@@ -138,15 +142,14 @@ class Pool:
             torch.cuda.init()
             torch.empty(1, device=device)  # the context the driver calls need, current on this thread
             driver = _Driver(torch.device(device).index or 0)
-            grain = driver.granularity()
-            size = -(-max(nbytes, 1) // grain) * grain
+            size = _round_up(max(nbytes, 1), driver.granularity())
             handle = driver.create(size)
             try:
                 fd = driver.export(handle)
             finally:
                 driver.call("cuMemRelease", ctypes.c_ulonglong(handle))  # the fd holds it now
         else:
-            size = -(-max(nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+            size = _round_up(max(nbytes, 1), mmap.PAGESIZE)
             fd = os.memfd_create("evo-inputs", os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
         return cls(fd, size, device)
@@ -155,7 +158,8 @@ class Pool:
         """The input a layout entry describes (`layout`): a storage of its own over the pool's bytes
         at its offset, viewed with the strides the task's input had."""
         dtype = getattr(torch, spec["dtype"])
-        return self.span(spec["offset"], spec["storage_bytes"]).view(dtype).as_strided(spec["shape"], spec["stride"], spec["storage_offset"])
+        span = self.span(spec["offset"], spec["storage_bytes"]).view(dtype)
+        return span.as_strided(spec["shape"], spec["stride"], spec["storage_offset"])
 
 
 def layout(window: list[list[torch.Tensor]], start: int) -> tuple[list[list[dict]], int]:
@@ -166,11 +170,11 @@ def layout(window: list[list[torch.Tensor]], start: int) -> tuple[list[list[dict
     for inputs in window:
         specs = []
         for tensor in inputs:
-            offset = -(-offset // ALIGNMENT) * ALIGNMENT
+            offset = _round_up(offset, ALIGNMENT)
             storage_bytes = tensor.untyped_storage().nbytes()
-            specs.append({"offset": offset, "storage_bytes": storage_bytes, "dtype": str(tensor.dtype).removeprefix("torch."),
-                          "shape": list(tensor.shape), "stride": list(tensor.stride()),
-                          "storage_offset": tensor.storage_offset()})
+            specs.append({"offset": offset, "storage_bytes": storage_bytes,
+                          "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+                          "stride": list(tensor.stride()), "storage_offset": tensor.storage_offset()})
             offset += storage_bytes + GAP
         calls.append(specs)
     return calls, offset
