@@ -212,9 +212,10 @@ def evaluations_at_device(device_kind: str, devices_in_use: int = 1) -> int:
     return max(2, min(EVALUATIONS_AT_DEVICE, per_device))
 
 
-def cache_dir() -> Path:
+def cache_dir(create: bool = True) -> Path:
     root = Path(os.environ.get("EVO_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "evo")
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return root
 
 
@@ -262,7 +263,11 @@ def install_whole(target: Path, fill: Callable[[Path], None]) -> None:
         return
     staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}"
     shutil.rmtree(staging, ignore_errors=True)
-    fill(staging)
+    try:
+        fill(staging)
+    except BaseException:  # a full disk, say: no half-made entry is left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(target)
     except OSError:  # put there meanwhile

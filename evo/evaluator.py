@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from evo import builds, cores, devices, judgement, reference_timing
+from evo import builds, cores, devices, judgement, reference_timing, storage
 from evo.config import VerifyPolicy
 from evo.handover import SLOTS, PooledInputs
 from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem
@@ -23,6 +23,8 @@ from evo.verdict import Timings, Verdict
 
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
+# The checks a disk with no room fails: compilers and loaders that cannot write, processes that end.
+DISK_BOUND_CHECKS = ("build", "load", "runs")
 # A candidate's timing follows the session's last timing closer than this (a search's steady state,
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
@@ -78,6 +80,8 @@ class Evaluation:
         except EvaluatorError as err:
             self.session.discard_trusted()
             outcome = ("error", str(err))
+        except OSError as err:  # a write of evo's own: the cache, a sandbox's directory
+            outcome = ("error", storage.write_failure(err))
         finally:
             self.release_processes()
             if self.holds_slot:
@@ -85,7 +89,17 @@ class Evaluation:
             if self.own_session:
                 self.session.close()
         self.timings.total_s = time.monotonic() - started
-        return self.verdict(outcome)
+        return self.verdict(self.unless_disk_full(outcome))
+
+    def unless_disk_full(self, outcome: tuple[str, str] | None) -> tuple[str, str] | None:
+        """A failure a full disk can cause, once the evaluation's own files are gone and the disk
+        is still full, is the machine's: an error naming the disk, not the candidate's verdict."""
+        failed = self.judgement.first_failure()
+        if outcome is None and (failed is None or failed.name not in DISK_BOUND_CHECKS):
+            return outcome
+        full = storage.full_disk(storage.written_by_evo(self.session.cache_dir),
+                                 outcome[1] if outcome else failed.detail)
+        return ("error", storage.full_disk_message(full)) if full else outcome
 
     def take_process_slot(self) -> None:
         """Wait until fewer evaluations than the session keeps spares for hold candidate processes."""
@@ -443,6 +457,11 @@ def verify(task: Path, candidate: Path, policy: VerifyPolicy, cache_dir: Path | 
     try:
         evaluation = Evaluation(task, candidate, policy, cache_dir, session)
     except devices.DeviceError as err:
-        return Verdict(verdict="error", summary=str(err), task=str(task), candidate=str(candidate),
-                       device=policy.device or "auto")
-    return evaluation.run()
+        problem = str(err)
+    except OSError as err:  # the session's directory could not be made
+        full = storage.full_disk(storage.written_by_evo(cache_dir or devices.cache_dir(create=False)), str(err))
+        problem = storage.full_disk_message(full) if full else storage.write_failure(err)
+    else:
+        return evaluation.run()
+    return Verdict(verdict="error", summary=problem, task=str(task), candidate=str(candidate),
+                   device=policy.device or "auto")

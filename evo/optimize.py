@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from evo import devices, live_sandboxes
+from evo import devices, live_sandboxes, storage
 from evo.archive import Archive
 from evo.archive_views import lineage_text
 from evo.config import OptimizeConfig, VerifyPolicy
@@ -42,7 +44,8 @@ class Optimizer:
         self.archive: Archive = setup.archive
         self.config: OptimizeConfig = setup.config
         self.policy: VerifyPolicy = setup.policy
-        self.run_stop: str | None = None  # set when the whole run must end (Ctrl-C, budget, provider)
+        self.run_stop: str | None = None  # set when the whole run must end (Ctrl-C, budget, provider, disk)
+        self.disk_full = False  # the run stopped because a disk it writes to is full
         self.provider_failures = 0
         self.task_stop: str | None = None  # set when the current task's search must end
         self.device_load = devices.DeviceLoad(setup.devices)
@@ -96,11 +99,15 @@ class Optimizer:
             stopped_by = self.run_stop or self.task_limit(created, deadline)
             if stopped_by and not pending:
                 break
-            if not stopped_by:
-                created += self.start_work(task, search, pending, created)
-            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                self.settle(task, search, pending.pop(future), future, pending)
+            try:
+                if not stopped_by:
+                    created += self.start_work(task, search, pending, created)
+                done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    self.settle(task, search, pending.pop(future), future, pending)
+            except (OSError, sqlite3.Error) as err:  # the archive or a candidate's file could not be written
+                if not self.stop_if_disk_full(str(err)):
+                    raise
         self.progress.status(task.name, f"done: {stopped_by}")
         if not self.run_stop:
             self.archive.save_state(self.setup.run_id, f"finished:{task.name}", stopped_by)
@@ -158,6 +165,8 @@ class Optimizer:
         verdict = future.result()
         if self.run_stop == "interrupted":  # its sandboxes were killed: the verdict means nothing
             return
+        if verdict.verdict == "error" and self.stop_if_disk_full(verdict.summary):
+            return  # the candidate stays unfinished: a resume judges it
         failed = next((check.name for check in verdict.checks if not check.passed), None)
         if kind == "remeasure":
             self.archive.add_remeasurement(candidate_id, verdict.speedup or 0.0, verdict.timings.model_dump(),
@@ -230,6 +239,16 @@ class Optimizer:
         remaining_tasks = len(self.setup.tasks) - index
         return time.monotonic() + max(0.0, self.setup.deadline - time.monotonic()) / remaining_tasks
 
+    def stop_if_disk_full(self, failure: str) -> bool:
+        """Stop the run when a disk it writes to is full: every later candidate would fail on it."""
+        cache = next(iter(self.sessions.values())).cache_dir
+        full = storage.full_disk(storage.written_by_evo(cache, self.archive.path, self.setup.run_dir), failure)
+        if full is None:
+            return False
+        self.disk_full = True
+        self.run_stop = self.run_stop or storage.full_disk_message(full)
+        return True
+
     def interrupt(self) -> None:
         """Ctrl-C: stop starting work and kill the sandboxes of evaluations under way; their
         candidates stay unfinished in the archive, and a resume evaluates them."""
@@ -284,6 +303,10 @@ def run_search(setup: RunSetup) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
     interrupted = optimizer.run_stop == "interrupted"
+    if optimizer.disk_full:  # nothing more can be written; what was is kept
+        print(f"evo: {optimizer.run_stop}; then resume with: python -m evo optimize --resume {setup.run_id}",
+              file=sys.stderr)
+        return 2
     setup.archive.finish_run(setup.run_id, "stopped" if interrupted else "finished")
     report_outcomes(setup, outcomes, progress)
     if interrupted:
