@@ -33,6 +33,8 @@ class VerifyPolicy(BaseModel):
     load_timeout_s: float = Field(default=600.0, gt=0)  # import and construction, including run-time compilation
     call_timeout_s: float = Field(default=60.0, gt=0)  # one call
     memory_limit_bytes: int | None = Field(default=None, gt=0)  # of a sandbox; None: 3/4 of this machine's
+    # What a sandbox may write to disk; None: 8 GiB, or an eighth of the temporary disk's free space if less.
+    disk_limit_bytes: int | None = Field(default=None, gt=0)
     use_namespaces: bool = True
     # Candidate processes and builds forked from an interpreter that has imported torch (each in
     # namespaces of its own), rather than each started afresh.

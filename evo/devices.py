@@ -17,11 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo import cores
+from evo import cores, storage
 from evo.sandbox import wire
 from evo.sandbox_runner import Limits
 
 GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
+# What a sandbox may write to disk by default: far beyond a build's needs (a CUDA extension's
+# objects take megabytes, a precompiled torch header hundreds), far below what a disk can lose
+# to one candidate beside the others' builds.
+DISK_LIMIT_BYTES = 8 << 30
+DISK_LIMIT_FLOOR_BYTES = 1 << 30
 
 
 def cpu_flush_bytes() -> int:
@@ -158,7 +163,9 @@ def limits(policy, device: Device) -> Limits:
     memory = policy.memory_limit_bytes or int(total * 0.75)
     # A CUDA process reserves far more address space than it uses, so RLIMIT_AS only fits the CPU.
     address_space = memory + (4 << 30) if device.kind == "cpu" else None
-    return Limits(memory_bytes=memory, address_space_bytes=address_space)
+    disk = policy.disk_limit_bytes or min(DISK_LIMIT_BYTES, max(DISK_LIMIT_FLOOR_BYTES,
+                                                                (storage.free_bytes(tempfile.gettempdir()) or 0) // 8))
+    return Limits(memory_bytes=memory, address_space_bytes=address_space, disk_bytes=disk)
 
 
 def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, str]:

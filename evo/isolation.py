@@ -33,11 +33,13 @@ class IsolationProfile(BaseModel):
     read_only_filesystem: bool  # everything but the sandbox's own directory is read-only, locked
     notes: tuple[str, ...] = ()
 
-    def report(self, memory_limit_bytes: int, call_timeout_s: float, visible_gpus: str, forked: bool) -> Isolation:
+    def report(self, memory_limit_bytes: int, disk_limit_bytes: int | None, call_timeout_s: float, visible_gpus: str,
+               forked: bool) -> Isolation:
         """What a verdict says of the isolation its candidate ran under."""
         return Isolation(method=self.method, network_isolated=self.network_isolated, pid_namespace=self.pid_namespace,
                          user_namespace=self.user_namespace, read_only_filesystem=self.read_only_filesystem,
-                         memory_limit_bytes=memory_limit_bytes, call_timeout_s=call_timeout_s,
+                         memory_limit_bytes=memory_limit_bytes, disk_limit_bytes=disk_limit_bytes,
+                         call_timeout_s=call_timeout_s,
                          visible_gpus=visible_gpus, forked=forked, notes=list(self.notes))
 
     def command(self, writable: Path, program: list[str]) -> list[str]:

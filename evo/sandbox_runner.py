@@ -24,14 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo import live_sandboxes
+from evo import live_sandboxes, usage
 from evo.cores import thread_on
 from evo.isolation import IsolationProfile
 from evo.sandbox import wire
 
 SANDBOX_DIR = Path(wire.__file__).resolve().parent
 OUTPUT_KEEP = 32 * 1024  # bytes of the child's stdout/stderr kept, head and tail each
-MEMORY_CHECK_INTERVAL_S = 0.2
+USAGE_CHECK_INTERVAL_S = 0.2
 
 
 PIPE_BYTES = 1 << 20
@@ -56,7 +56,7 @@ class SandboxFailure(Exception):
 
     def __init__(self, kind: str, message: str, label: str):
         super().__init__(message)
-        self.kind = kind  # timeout | crashed | memory | protocol
+        self.kind = kind  # timeout | crashed | memory | disk | protocol
         self.label = label  # which sandbox: decides whose failure it is, never the message text
 
 
@@ -64,6 +64,7 @@ class SandboxFailure(Exception):
 class Limits:
     memory_bytes: int  # resident memory of the whole process tree
     address_space_bytes: int | None  # RLIMIT_AS; None where it would break the device runtime
+    disk_bytes: int | None = None  # what the process tree may write to disk: its directory, and files it deleted but holds
     open_files: int = 4096
 
 
@@ -93,7 +94,7 @@ class CappedOutput:
 class SandboxProcess:
     def __init__(self, program: str, *, isolation: IsolationProfile, workdir: Path, env: dict[str, str],
                  limits: Limits, label: str, shared_fd: int | None = None, door: bool = False,
-                 start_cores: set[int] | None = None, fork_server=None, watch_memory: bool = True):
+                 start_cores: set[int] | None = None, fork_server=None, watch_usage: bool = True):
         self.program = SANDBOX_DIR / program
         self.start_cores = start_cores  # where it starts (its children inherit them); None: anywhere
         # Handed over beside the channel: the session's exchange buffer (checker, timed process), or
@@ -103,8 +104,9 @@ class SandboxProcess:
         self.wants_door = door
         self.door: socket.socket | None = None
         self.fork_server = fork_server  # an evo.fork_server.ForkServer that forks it; None: a fresh interpreter
-        # False for the fork server: its forks are its descendants, and each is held to the limit on its own.
-        self.watch_memory = watch_memory
+        # False for the fork server: its forks are its descendants (their directories in its own), and
+        # each is held to the limits on its own.
+        self.watch_usage = watch_usage
         self.isolation, self.workdir, self.env, self.limits, self.label = isolation, workdir, env, limits, label
         self.proc: subprocess.Popen | None = None
         self.stdout, self.stderr = CappedOutput(), CappedOutput()
@@ -114,7 +116,7 @@ class SandboxProcess:
         self.frames: list[tuple[dict, bytearray]] = []
         self.arrivals: list[float] = []  # perf_counter when each frame's read began
         self.last_arrival = 0.0
-        self.next_memory_check = 0.0
+        self.next_usage_check = 0.0
         self.timeout = 0.0  # of the exchange under way, for the message if it runs out
         self.held: list[int] = []  # the processes `hold` stopped, until `release`
 
@@ -263,22 +265,32 @@ class SandboxProcess:
                                          self.label) from None
             else:
                 key.data.add(data)
-        self._check_memory()
+        self._check_usage()
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def _check_memory(self) -> None:
-        """At most a few times a second: walking /proc costs more than a short call."""
+    def _check_usage(self) -> None:
+        """At most a few times a second: walking /proc and the directory costs more than a short call."""
         now = time.monotonic()
-        if now < self.next_memory_check or not self.watch_memory:
+        if now < self.next_usage_check or not self.watch_usage:
             return
-        self.next_memory_check = now + MEMORY_CHECK_INTERVAL_S
-        resident = tree_resident_bytes(self.proc.pid)
+        self.next_usage_check = now + USAGE_CHECK_INTERVAL_S
+        pids = live_sandboxes.tree(self.proc.pid)
+        resident = usage.resident_bytes(pids)
         if resident > self.limits.memory_bytes:
             self.kill()
             raise SandboxFailure("memory", f"the {self.label} used {resident / 2**30:.1f} GiB of memory, over the "
                                  f"limit of {self.limits.memory_bytes / 2**30:.1f} GiB, and was stopped", self.label)
+        if self.limits.disk_bytes is None:
+            return
+        written = usage.written_bytes(self.workdir, pids)
+        if written is None or written > self.limits.disk_bytes:
+            self.kill()
+            what = (f"made more than {usage.MOST_FILES} files" if written is None
+                    else f"wrote {usage.size_text(written)} to disk")
+            raise SandboxFailure("disk", f"the {self.label} {what}, over the limit of "
+                                 f"{usage.size_text(self.limits.disk_bytes)}, and was stopped", self.label)
 
     def _raise_ended(self) -> None:
         code = self.proc.wait(timeout=30)
@@ -386,20 +398,6 @@ class SandboxProcess:
         for stream in (self.proc.stdout, self.proc.stderr):
             stream.close()
         self.proc = None
-
-
-def tree_resident_bytes(root: int) -> int:
-    """Resident memory of a process and all its descendants, from /proc."""
-    total = 0
-    for pid in live_sandboxes.tree(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except (OSError, ValueError):
-            continue
-    return total
 
 
 def crash_hint(stderr: str) -> str:

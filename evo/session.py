@@ -164,7 +164,7 @@ class TaskSession:
     # ---- processes ------------------------------------------------------------------------
 
     def sandbox(self, program: str, label: str, env_extra: dict[str, str] | None = None,
-                exchange: bool = False, shared_fd: int | None = None, watch_memory: bool = True) -> SandboxProcess:
+                exchange: bool = False, shared_fd: int | None = None, watch_usage: bool = True) -> SandboxProcess:
         """A sandbox running `program`: forked by the fork server where it serves that program,
         else a fresh interpreter."""
         server = self.fork_server if program in FORKED_PROGRAMS else None
@@ -180,14 +180,14 @@ class TaskSession:
         process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
                                  label=label, shared_fd=self.exchange.fd if exchange else shared_fd, door=exchange,
                                  start_cores=cores.for_starting(self.device.kind), fork_server=server,
-                                 watch_memory=watch_memory)
+                                 watch_usage=watch_usage)
         try:
             return process.start()
         except SandboxFailure:
             if server is None or server.usable():
                 raise
             self.fork_failure = server.failure  # the server failed, not this process: start it afresh
-            return self.sandbox(program, label, env_extra, exchange, shared_fd, watch_memory)
+            return self.sandbox(program, label, env_extra, exchange, shared_fd, watch_usage)
 
     def start_fork_server(self) -> None:
         """Start the fork server unless it runs, the policy says no, or one failed to serve in this
@@ -200,7 +200,7 @@ class TaskSession:
             self.fork_server.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = self.sandbox("forkserver.py", "fork server", shared_fd=theirs.fileno(), watch_memory=False)
+            process = self.sandbox("forkserver.py", "fork server", shared_fd=theirs.fileno(), watch_usage=False)
         finally:
             theirs.close()
         process.send({"op": "ready"})

@@ -60,6 +60,7 @@ class Isolation(BaseModel):
     own_temporary_directory: bool = True
     scrubbed_environment: bool = True
     memory_limit_bytes: int
+    disk_limit_bytes: int | None = None  # what its processes could write to disk (its directory)
     call_timeout_s: float
     visible_gpus: str  # what CUDA_VISIBLE_DEVICES held for the candidate
     # The candidate's processes were forked from evo's fork server (an interpreter that had

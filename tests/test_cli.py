@@ -190,9 +190,9 @@ def test_nonsense_device_is_a_flag_error(cache_dir):
 
 
 @pytest.mark.parametrize("flags", [["--call-timeout", "0"], ["--call-timeout", "-1"], ["--build-timeout", "-5"],
-                                   ["--memory-limit-gb", "-1"], ["--memory-limit-gb", "0"]],
+                                   ["--memory-limit-gb", "-1"], ["--memory-limit-gb", "0"], ["--disk-limit-gb", "0"]],
                          ids=["zero-call-timeout", "negative-call-timeout", "negative-build-timeout",
-                              "negative-memory-limit", "zero-memory-limit"])
+                              "negative-memory-limit", "zero-memory-limit", "zero-disk-limit"])
 def test_nonpositive_limits_are_flag_errors(flags, cache_dir):
     result = evo("verify", RELU, NO_MODELNEW, "--device", "cpu", "--trials", "1", *flags, cache_dir=cache_dir)
     assert_flag_error(result, flags[0].removeprefix("--").split("-")[0])

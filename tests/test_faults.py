@@ -255,6 +255,20 @@ def test_memory_hog_is_stopped_by_the_memory_check(run_verify, honest_next):
     honest_next()
 
 
+@pytest.mark.parametrize("name", ["disk_hog.py", "disk_hog_unlinked.py"])
+def test_disk_hog_is_stopped_by_the_disk_check(run_verify, honest_next, name):
+    """16 MiB every 0.05 s into its directory, or into a file it deleted but holds open: stopped
+    once past the limit, before it can fill the disk beside other candidates' builds."""
+    limit = 64 << 20
+    verdict, elapsed = run_fault(run_verify, name, disk_limit_bytes=limit, call_timeout_s=60)
+    check = only_failure(verdict)
+    assert check.name == "disk", check.detail
+    assert "to disk, over the limit of 64 MiB" in check.detail and "candidate profiler" in check.detail, check.detail
+    assert verdict.isolation.disk_limit_bytes == limit
+    assert elapsed < 10 + SLACK_S
+    honest_next()
+
+
 def test_flood_then_correct_answer_is_verified(run_verify, honest_next, capfd):
     """16 MiB printed on the first call change nothing: the verdict is the kernel's, and the
     flood stays in the sandbox (it does not reach this process's stdout or stderr)."""
