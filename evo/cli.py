@@ -79,6 +79,7 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file whose [verify] table sets the policy")
     parser.add_argument("--memory-limit-gb", type=float, help="resident memory a sandboxed process may use")
     parser.add_argument("--disk-limit-gb", type=float, help="what a sandboxed process may write to disk")
+    parser.add_argument("--task-limit", type=int, help="processes and threads a sandbox may hold at once")
     parser.add_argument("--no-namespaces", action="store_true",
                         help="do not use Linux namespaces for the sandbox (reported in the verdict)")
     parser.add_argument("--no-fork-server", action="store_true",
@@ -91,6 +92,7 @@ def policy_from(args: argparse.Namespace):
         "device": args.device,
         "memory_limit_bytes": int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None else None,
         "disk_limit_bytes": int(args.disk_limit_gb * 2**30) if args.disk_limit_gb is not None else None,
+        "task_limit": args.task_limit,
         "use_namespaces": False if args.no_namespaces else None,
         "fork_server": False if args.no_fork_server else None,
     }

@@ -35,6 +35,9 @@ class VerifyPolicy(BaseModel):
     memory_limit_bytes: int | None = Field(default=None, gt=0)  # of a sandbox; None: 3/4 of this machine's
     # What a sandbox may write to disk; None: 8 GiB, or an eighth of the temporary disk's free space if less.
     disk_limit_bytes: int | None = Field(default=None, gt=0)
+    # Processes and threads a sandbox may hold at once; None: 4096, or an eighth of the machine's
+    # process IDs if fewer.
+    task_limit: int | None = Field(default=None, ge=16)
     use_namespaces: bool = True
     # Candidate processes and builds forked from an interpreter that has imported torch (each in
     # namespaces of its own), rather than each started afresh.

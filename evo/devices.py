@@ -27,6 +27,7 @@ GPU_FLUSH_BYTES = 256 << 20  # over four times an H100/H200 L2
 # to one candidate beside the others' builds.
 DISK_LIMIT_BYTES = 8 << 30
 DISK_LIMIT_FLOOR_BYTES = 1 << 30
+TASK_LIMIT = 4096
 
 
 def cpu_flush_bytes() -> int:
@@ -165,7 +166,17 @@ def limits(policy, device: Device) -> Limits:
     address_space = memory + (4 << 30) if device.kind == "cpu" else None
     disk = policy.disk_limit_bytes or min(DISK_LIMIT_BYTES, max(DISK_LIMIT_FLOOR_BYTES,
                                                                 (storage.free_bytes(tempfile.gettempdir()) or 0) // 8))
-    return Limits(memory_bytes=memory, address_space_bytes=address_space, disk_bytes=disk)
+    return Limits(memory_bytes=memory, address_space_bytes=address_space, disk_bytes=disk, tasks=task_limit(policy))
+
+
+def task_limit(policy) -> int:
+    """A sandbox's processes and threads: an honest one runs a few hundred at most (a thread per
+    core, a build's compilers), and a fork bomb stopped here leaves most process IDs to the rest."""
+    try:
+        process_ids = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        process_ids = 32768  # the kernel's default
+    return policy.task_limit or min(TASK_LIMIT, process_ids // 8)
 
 
 def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, str]:

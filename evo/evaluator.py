@@ -156,7 +156,7 @@ class Evaluation:
         if failure.label in TRUSTED_SANDBOXES:
             self.session.discard_trusted()
             return ("error", f"the evaluator's {failure.label} failed: {failure}")
-        if failure.kind in ("memory", "disk"):
+        if failure.kind in ("memory", "disk", "processes"):
             name = failure.kind
         elif failure.label == "build":
             name = "build"
@@ -434,8 +434,8 @@ class Evaluation:
     def verdict(self, outcome: tuple[str, str] | None) -> Verdict:
         common = dict(task=str(self.task), candidate=str(self.candidate), device=self.device.torch_name,
                       checks=self.judgement.checks, timings=self.timings, warnings=self.warnings,
-                      isolation=self.profile.report(self.limits.memory_bytes, self.limits.disk_bytes,
-                                                    self.policy.call_timeout_s, self.device.visible, self.forked),
+                      isolation=self.profile.report(self.limits, self.policy.call_timeout_s, self.device.visible,
+                                                    self.forked),
                       environment=devices.environment(self.device, self.facts),
                       kernels=getattr(self, "kernels", None), roofline=self.judgement.roofline)
         if outcome is not None:

@@ -13,13 +13,18 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
 from evo.sandbox import wire
 from evo.verdict import Isolation
+
+if TYPE_CHECKING:  # the runner imports this module
+    from evo.sandbox_runner import Limits
 
 
 class IsolationProfile(BaseModel):
@@ -28,17 +33,19 @@ class IsolationProfile(BaseModel):
     method: str  # "unshare" or "process-group"
     command_prefix: tuple[str, ...]
     network_isolated: bool  # own network namespace: no interface but loopback
+    # setsid and setpgid have no effect in a sandbox (sandbox/isolate.py): a signal to its group reaches all of it
+    process_group_kept: bool = False
     pid_namespace: bool  # sees only its own processes; all die with the sandbox
     user_namespace: bool
     read_only_filesystem: bool  # everything but the sandbox's own directory is read-only, locked
     notes: tuple[str, ...] = ()
 
-    def report(self, memory_limit_bytes: int, disk_limit_bytes: int | None, call_timeout_s: float, visible_gpus: str,
-               forked: bool) -> Isolation:
+    def report(self, limits: Limits, call_timeout_s: float, visible_gpus: str, forked: bool) -> Isolation:
         """What a verdict says of the isolation its candidate ran under."""
         return Isolation(method=self.method, network_isolated=self.network_isolated, pid_namespace=self.pid_namespace,
                          user_namespace=self.user_namespace, read_only_filesystem=self.read_only_filesystem,
-                         memory_limit_bytes=memory_limit_bytes, disk_limit_bytes=disk_limit_bytes,
+                         memory_limit_bytes=limits.memory_bytes, disk_limit_bytes=limits.disk_bytes,
+                         task_limit=limits.tasks, process_group_kept=self.process_group_kept,
                          call_timeout_s=call_timeout_s,
                          visible_gpus=visible_gpus, forked=forked, notes=list(self.notes))
 
@@ -64,6 +71,9 @@ _CANDIDATE_FLAGS = (
 @functools.cache
 def probe(allow_namespaces: bool = True) -> IsolationProfile:
     unshare = shutil.which("unshare")
+    kept = _process_group_kept()
+    group_note = () if kept else ("a sandbox's processes can leave its process group (no seccomp filter here): one "
+                                  "that forks and moves on fast enough may run on while evo holds the sandbox",)
     if allow_namespaces and unshare and os.name == "posix":
         for flags in _CANDIDATE_FLAGS:
             command = (unshare, *flags)
@@ -79,12 +89,25 @@ def probe(allow_namespaces: bool = True) -> IsolationProfile:
                     notes += ("the filesystem could not be made read-only: a sandbox can write where this user can",)
                 return IsolationProfile(method="unshare", command_prefix=command, network_isolated="--net" in flags,
                                         pid_namespace=pid_ns, user_namespace="--user" in flags,
-                                        read_only_filesystem=read_only, notes=notes)
+                                        read_only_filesystem=read_only, process_group_kept=kept,
+                                        notes=notes + group_note)
     reason = "namespaces were disabled by the caller" if not allow_namespaces else \
         "this OS refused every namespace (no unshare, or unprivileged namespaces are off)"
     return IsolationProfile(method="process-group", command_prefix=(), network_isolated=False, pid_namespace=False,
-                            user_namespace=False, read_only_filesystem=False, notes=(f"{reason}: the candidate shares the network and can see "
-                                                         "other processes of this user",))
+                            user_namespace=False, read_only_filesystem=False, process_group_kept=kept,
+                            notes=(f"{reason}: the candidate shares the network and can see other processes of this "
+                                   "user",) + group_note)
+
+
+def _process_group_kept() -> bool:
+    """Whether sandbox/isolate.py's filter keeps a process in its process group here (it needs seccomp)."""
+    check = ("import os, sys; sys.path.insert(0, sys.argv[1]); import isolate; group = os.getpgid(0); "
+             "kept = isolate.keep_process_group(); os.setsid(); sys.exit(0 if kept and os.getpgid(0) == group else 1)")
+    try:
+        return subprocess.run([sys.executable, "-S", "-c", check, str(ENTER_SCRIPT.parent)], capture_output=True,
+                              timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def _read_only_works(prefix: tuple[str, ...]) -> bool:

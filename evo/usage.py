@@ -1,5 +1,5 @@
 """What a sandbox's processes use of the machine, as this process sees it from outside: resident
-memory, and what they wrote to disk. A sandbox can write only in its own directory (the rest of
+memory, processes and threads, and what they wrote to disk. A sandbox can write only in its own directory (the rest of
 the filesystem is read-only to it), so its directory, plus the files it deleted but still holds
 open there, is all it can take of the disk; one that filled the disk would fail every build
 beside it.
@@ -15,18 +15,20 @@ from pathlib import Path
 MOST_FILES = 100_000
 
 
-def resident_bytes(pids: list[int]) -> int:
-    """Resident memory of these processes, from /proc."""
-    total = 0
+def resident_bytes_and_tasks(pids: list[int]) -> tuple[int, int]:
+    """Resident memory of these processes, and their threads (a zombie counts one: it holds its
+    process ID until reaped), from /proc."""
+    resident, tasks = 0, 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
+                    resident += int(line.split()[1]) * 1024
+                elif line.startswith("Threads:"):
+                    tasks += int(line.split()[1])
         except (OSError, ValueError):
             continue
-    return total
+    return resident, tasks
 
 
 def written_bytes(directory: Path, pids: list[int]) -> int | None:

@@ -61,6 +61,8 @@ class Isolation(BaseModel):
     scrubbed_environment: bool = True
     memory_limit_bytes: int
     disk_limit_bytes: int | None = None  # what its processes could write to disk (its directory)
+    task_limit: int | None = None  # processes and threads it could hold at once
+    process_group_kept: bool = False  # its processes could not leave its process group (setsid had no effect)
     call_timeout_s: float
     visible_gpus: str  # what CUDA_VISIBLE_DEVICES held for the candidate
     # The candidate's processes were forked from evo's fork server (an interpreter that had

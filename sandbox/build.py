@@ -26,6 +26,7 @@ import torch.utils.cpp_extension as cpp_extension  # noqa: E402
 
 import harness  # noqa: E402
 import hooks  # noqa: E402
+import isolate  # noqa: E402
 import wire  # noqa: E402
 
 LOG_LINES = 60
@@ -48,6 +49,7 @@ BUILD_NICENESS = 19
 
 def main() -> None:
     read_fd, write_fd, _ = harness.channel_from_argv()
+    isolate.keep_process_group()  # before any candidate code: killing the group reaches all it forks
     os.nice(BUILD_NICENESS)
     msg, _ = wire.read_frame(read_fd)
     ledger = hooks.ExtensionLedger()

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import exchange  # noqa: E402
 import harness  # noqa: E402
 import hooks  # noqa: E402
+import isolate  # noqa: E402
 import memory_guard  # noqa: E402
 import pool  # noqa: E402
 import wire  # noqa: E402
@@ -240,6 +241,7 @@ class Runner:
 
 def main() -> None:
     read_fd, write_fd, given = harness.channel_from_argv()
+    isolate.keep_process_group()  # before any candidate code: evo's hold of the group stops all it forks
     exchange_fd, door_fd = (given + [None, None])[:2]
     harness.start_device()
     if torch.cuda.is_initialized():

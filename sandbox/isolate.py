@@ -95,3 +95,58 @@ def private_mounts(profile: dict, home: str, shared_root: str) -> None:
             if kept & statvfs_flag:
                 flags |= mount_flag
         _mount(None, shared_root, None, flags)
+
+
+# ---- a process group it cannot leave --------------------------------------------------------------
+
+# Per architecture: the audit tag seccomp sees, and the numbers of seccomp, setsid and setpgid.
+_SYSCALLS = {"x86_64": (0xC000003E, 317, 112, 109), "aarch64": (0xC00000B7, 277, 157, 154)}
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1  # every thread of the process, not only the calling one
+SECCOMP_FILTER_FLAG_SPEC_ALLOW = 4  # no forced store-bypass mitigation: it would slow the timed code
+_LOAD, _JUMP_IF_EQUAL, _JUMP_IF_AT_LEAST, _RETURN = 0x20, 0x15, 0x35, 0x06  # BPF_LD|BPF_W|BPF_ABS, ...
+_NUMBER_AT, _ARCH_AT = 0, 4  # offsets in struct seccomp_data
+_ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
+_ENOSYS = 38
+_X32_BIT = 0x40000000  # x86_64's x32 calls: numbers with this bit set
+
+
+class _Instruction(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Instruction))]
+
+
+def keep_process_group() -> bool:
+    """From now on, setsid and setpgid in this process and all it forks succeed without effect
+    (a seccomp filter, which no process can remove): every process of the sandbox stays in its
+    process group, so evo's signal to the group stops or kills them all at once, a fork under
+    way included. Calls of another architecture's numbering fail. False where seccomp is missing."""
+    numbers = _SYSCALLS.get(os.uname().machine)
+    if numbers is None:
+        return False
+    arch, seccomp, setsid, setpgid = numbers
+    program = [
+        _Instruction(_LOAD, 0, 0, _ARCH_AT),
+        _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),
+        _Instruction(_RETURN, 0, 0, _ERRNO | _ENOSYS),
+        _Instruction(_LOAD, 0, 0, _NUMBER_AT),
+        _Instruction(_JUMP_IF_AT_LEAST, 3, 0, _X32_BIT),
+        _Instruction(_JUMP_IF_EQUAL, 3, 0, setsid),
+        _Instruction(_JUMP_IF_EQUAL, 2, 0, setpgid),
+        _Instruction(_RETURN, 0, 0, _ALLOW),
+        _Instruction(_RETURN, 0, 0, _ERRNO | _ENOSYS),
+        _Instruction(_RETURN, 0, 0, _ERRNO),  # errno 0: the call returns 0, as it does when it succeeds
+    ]
+    instructions = (_Instruction * len(program))(*program)
+    fprog = _Program(len(program), instructions)
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    every_thread = SECCOMP_FILTER_FLAG_TSYNC
+    for flags in (every_thread | SECCOMP_FILTER_FLAG_SPEC_ALLOW, every_thread):  # kernels before 4.17 lack SPEC_ALLOW
+        if _libc.syscall(seccomp, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog)) == 0:
+            return True
+    return False

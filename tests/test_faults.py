@@ -8,6 +8,7 @@ process behind, and the next verification in this same Python process must still
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -265,6 +266,22 @@ def test_disk_hog_is_stopped_by_the_disk_check(run_verify, honest_next, name):
     assert check.name == "disk", check.detail
     assert "to disk, over the limit of 64 MiB" in check.detail and "candidate profiler" in check.detail, check.detail
     assert verdict.isolation.disk_limit_bytes == limit
+    assert elapsed < 10 + SLACK_S
+    honest_next()
+
+
+def test_fork_bomb_stops_at_the_task_limit(run_verify, honest_next):
+    """Forks that are never reaped, up to 200000 (on this machine, fork fails before: 32768 process
+    IDs by default): the sandbox is stopped soon after it passes the limit, long before the
+    machine's process IDs run out, and with them evo's own next process."""
+    limit = 256
+    verdict, elapsed = run_fault(run_verify, "fork_bomb.py", task_limit=limit, call_timeout_s=60)
+    check = only_failure(verdict)
+    assert check.name == "processes", check.detail
+    ran = re.search(r"ran (\d+) processes and threads at once, over the limit of 256", check.detail)
+    assert ran and "candidate profiler" in check.detail, check.detail  # see PROFILED_FIRST
+    assert int(ran[1]) < 8 * limit, check.detail  # caught within a check or two of passing it
+    assert verdict.isolation.task_limit == limit
     assert elapsed < 10 + SLACK_S
     honest_next()
 
