@@ -8,12 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from evo import builds, cores, devices, judgement, reference_timing, storage
 from evo.config import VerifyPolicy
-from evo.handover import SLOTS, PooledInputs
-from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected, describe_problem
+from evo.handover import hand_over_pool
+from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
@@ -23,8 +21,6 @@ from evo.verdict import Timings, Verdict
 
 
 TRUSTED_SANDBOXES = ("reference checker", "cache flusher")
-# The checks a disk with no room fails: compilers and loaders that cannot write, processes that end.
-DISK_BOUND_CHECKS = ("build", "load", "runs")
 # A candidate's timing follows the session's last timing closer than this (a search's steady state,
 # the device's clocks still up from it) skips the warm-up. Were the clocks down after all, the
 # candidate would only look slower.
@@ -89,17 +85,7 @@ class Evaluation:
             if self.own_session:
                 self.session.close()
         self.timings.total_s = time.monotonic() - started
-        return self.verdict(self.unless_disk_full(outcome))
-
-    def unless_disk_full(self, outcome: tuple[str, str] | None) -> tuple[str, str] | None:
-        """A failure a full disk can cause, once the evaluation's own files are gone and the disk
-        is still full, is the machine's: an error naming the disk, not the candidate's verdict."""
-        failed = self.judgement.first_failure()
-        if outcome is None and (failed is None or failed.name not in DISK_BOUND_CHECKS):
-            return outcome
-        full = storage.full_disk(storage.written_by_evo(self.session.cache_dir),
-                                 outcome[1] if outcome else failed.detail)
-        return ("error", storage.full_disk_message(full)) if full else outcome
+        return self.verdict(storage.unless_disk_full(outcome, self.judgement.first_failure(), self.session.cache_dir))
 
     def take_process_slot(self) -> None:
         """Wait until fewer evaluations than the session keeps spares for hold candidate processes."""
@@ -260,20 +246,8 @@ class Evaluation:
         self.timings.timing_s += time.monotonic() - started
 
     def hand_over_pool(self) -> None:
-        """Map the checker's input pool in the candidate's process before its code is imported:
-        room for a timed window's inputs in each of its slots."""
-        timeout = self.policy.load_timeout_s
         slot_bytes = self.reference.plan.window * self.task_facts["pool_bytes_per_call"]
-        fd, nbytes = self.session.input_pool(SLOTS * slot_bytes, timeout)
-        self.inputs = PooledInputs(self.checker, slot_bytes)
-        try:
-            self.runner.send_fd(fd)
-            mapped, _ = self.runner.request({"op": "pool", "bytes": nbytes, "device": self.device.torch_name},
-                                            timeout=timeout)
-        except (SandboxFailure, OSError) as failure:  # before any candidate code was there
-            raise EvaluatorError(f"handing the input pool to the candidate process failed: {failure}") from None
-        if "error" in mapped:
-            raise EvaluatorError(f"the candidate process could not map the input pool: {mapped['error']}")
+        self.inputs = hand_over_pool(self.session, self.runner, slot_bytes, self.policy.load_timeout_s)
 
     def reserve_exchange(self) -> int:
         """Room in the exchange buffer for what a candidate's process hands back at once, a timed
@@ -332,18 +306,7 @@ class Evaluation:
         self.timings.correctness_s += time.monotonic() - started
 
     def judge_details(self, details: dict, reply: dict, where: str) -> CallDescription:
-        """What the candidate process said of its outputs and of the global flags after a call."""
-        if "error" in details:
-            self.judgement.reject("runs", f"{where}: describing the outputs raised {details['error']}")
-        try:
-            described = CallDescription.model_validate(details)
-        except ValidationError as err:
-            self.judgement.reject("runs", f"{where}: the candidate's process described its outputs wrongly "
-                                          f"({describe_problem(err)}): its harness was tampered with")
-        self.judgement.structure([item.model_dump() for item in described.structure], reply, self.device.torch_name,
-                                 where)
-        self.judgement.flags(described.flags_changed, f"in {where}")
-        return described
+        return self.judgement.described(details, reply, self.device.torch_name, where)
 
     def run_candidate(self, seed: int, message: dict, where: str) -> dict:
         try:
@@ -422,6 +385,7 @@ class Evaluation:
 
     def which_kernels(self) -> None:
         self.kernels = judgement.classify_kernels(self.profiled, self.extension_calls)
+        self.judgement.same_code_when_profiled(self.profiled["extension_calls"], self.extension_calls)
         self.judgement.custom_code(self.kernels, self.policy.require_custom_code, self.device.kind == "cuda")
 
     def note_host_pace(self) -> None:

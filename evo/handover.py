@@ -12,8 +12,9 @@ The reference is timed under the same steps: its own process makes its inputs, a
 
 from __future__ import annotations
 
-from evo.sandbox_runner import SandboxProcess
-from evo.session import checker_answer
+from evo.judgement import EvaluatorError
+from evo.sandbox_runner import SandboxFailure, SandboxProcess
+from evo.session import TaskSession, checker_answer
 from evo.timing import expect
 
 SLOTS = 2  # windows laid out in turn, so that each window's inputs sit where the previous one's did not
@@ -61,3 +62,18 @@ class PooledInputs:
 
     def ask_checker(self, message: dict, timeout: float, doing: str) -> dict:
         return checker_answer(self.checker.request(message, timeout=timeout)[0], doing)
+
+
+def hand_over_pool(session: TaskSession, runner: SandboxProcess, slot_bytes: int, timeout: float) -> PooledInputs:
+    """Map the session checker's input pool in the candidate's process before its code is
+    imported: room for a timed window's inputs in each of its slots."""
+    fd, nbytes = session.input_pool(SLOTS * slot_bytes, timeout)
+    try:
+        runner.send_fd(fd)
+        mapped, _ = runner.request({"op": "pool", "bytes": nbytes, "device": session.device.torch_name},
+                                   timeout=timeout)
+    except (SandboxFailure, OSError) as failure:  # before any candidate code was there
+        raise EvaluatorError(f"handing the input pool to the candidate process failed: {failure}") from None
+    if "error" in mapped:
+        raise EvaluatorError(f"the candidate process could not map the input pool: {mapped['error']}")
+    return PooledInputs(session.checker, slot_bytes)

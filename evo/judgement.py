@@ -110,6 +110,19 @@ class Judgement:
 
     # ---- what the candidate process reported about its outputs ---------------------------
 
+    def described(self, details: dict, reply: dict, device: str, where: str) -> CallDescription:
+        """What the candidate process said of its outputs and of the global flags after a call."""
+        if "error" in details:
+            self.reject("runs", f"{where}: describing the outputs raised {details['error']}")
+        try:
+            described = CallDescription.model_validate(details)
+        except ValidationError as err:
+            self.reject("runs", f"{where}: the candidate's process described its outputs wrongly "
+                                f"({describe_problem(err)}): its harness was tampered with")
+        self.structure([item.model_dump() for item in described.structure], reply, device, where)
+        self.flags(described.flags_changed, f"in {where}")
+        return described
+
     def structure(self, outputs: list[dict], reply: dict, device: str, where: str) -> None:
         checks = []
         for position, item in enumerate(outputs):
@@ -167,6 +180,17 @@ class Judgement:
                 f"{self.roofline.flops / 1e9:.2f} GFLOP at the measured peak rate): the work was not done in the call"))
         else:
             self.passed("speed_of_light", f"the median call is above the device's limit of {limit:.4f} ms for this work")
+
+    def same_code_when_profiled(self, profiled_calls: int, checked_calls: int) -> None:
+        """Which code ran is decided from one profiled call, in a process of its own: a candidate
+        that calls its compiled extensions there and in none of its checked calls runs different
+        code when it is profiled (torch says when it is), so the profile says nothing of the calls
+        that were checked and timed. Each process counts its own calls, so a candidate that also
+        forges the count in its checked calls is not caught here (tests/test_corpus_cuda.py)."""
+        if profiled_calls and not checked_calls:
+            times = "once" if profiled_calls == 1 else f"{profiled_calls} times"
+            self.fail("custom_code", f"its compiled extensions were called {times} in the profiled call and never "
+                      "in its checked calls: its own code runs only while it is profiled")
 
     def custom_code(self, kernels: dict, required: bool, on_gpu: bool) -> None:
         """On a GPU, only the profiler's kernel list counts: the candidate's own process keeps the

@@ -16,12 +16,16 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from evo.verdict import Check
+
 # Less room than this (or than a twentieth of the disk, for a small one) counts as full.
 FULL_BELOW_BYTES = 256 << 20
 # Below this (or a fifth of the disk), a failure that says space ran out is believed: a CUDA
 # build's temporary files take hundreds of megabytes, removed again once the build has failed.
 SHORT_BELOW_BYTES = 2 << 30
 OUT_OF_SPACE_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "database or disk is full")
+# The checks a disk with no room fails: compilers and loaders that cannot write, processes that end.
+DISK_BOUND_CHECKS = ("build", "load", "runs")
 
 
 def _statvfs(path: Path) -> os.statvfs_result | None:
@@ -80,3 +84,14 @@ def write_failure(error: OSError) -> str:
     else:
         where, reason = error.filename, error.strerror or str(error)
     return f"evo could not write {where or 'a file of its own'} ({reason}); check that the disk has room and is writable"
+
+
+def unless_disk_full(outcome: tuple[str, str] | None, failed: Check | None,
+                     cache_dir: Path) -> tuple[str, str] | None:
+    """An evaluation's outcome (None, or an error and its sentence), unless a failure a full disk
+    can cause came while a disk evo writes to is still full once the evaluation's own files are
+    gone: that is the machine's, an error naming the disk, not the candidate's verdict."""
+    if outcome is None and (failed is None or failed.name not in DISK_BOUND_CHECKS):
+        return outcome
+    full = full_disk(written_by_evo(cache_dir), outcome[1] if outcome else failed.detail)
+    return ("error", full_disk_message(full)) if full else outcome

@@ -147,6 +147,11 @@ CHEATS = [
         "candidate can replace")),
     # Whose code ran.
     ("pure_pytorch", RELU, ("custom_code",), ("values",), {}),
+    # Its extension called only under torch's profiler: verified before session 24.
+    ("profiler_only_extension", RELU, ("custom_code",), ("values",), {}),
+    pytest.param("profiler_only_forged_ledger", RELU, ("custom_code",), ("values",), {}, marks=hole(
+        "which code ran is counted inside the candidate's processes (the profiled call's and the checked calls' "
+        "ExtensionLedger), which the candidate can forge")),
 ]
 
 

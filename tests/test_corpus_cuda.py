@@ -235,11 +235,20 @@ def test_decoy_kernel_passes_custom_code_but_is_reported(run_verify):
 # ---- holes the evaluator has today (strict xfail: they XPASS once closed) -----------------------
 
 @pytest.mark.gpu
-@hole("custom_code rests on the one profiled call (and on extension calls counted in the candidate's own "
-      "process); a candidate can tell when it is profiled")
+@hole("custom_code rests on the one profiled call and on extension calls counted in the candidate's own "
+      "process, which it can forge; a candidate can tell when it is profiled")
+def test_custom_code_only_under_the_profiler_with_a_forged_count(run_verify):
+    verdict = run_verify(RELU, CUDA_CANDIDATES / "profiler_only_forged_ledger.py", device="cuda")
+    assert "custom_code" in failed_names(verdict), explain(verdict)
+
+
+@pytest.mark.gpu
 def test_custom_code_only_under_the_profiler(run_verify):
+    """The extension is called only while torch's profiler runs: verified until session 24 (a
+    strict-xfail hole); the profiled call counts one extension call and the checked calls none."""
     verdict = run_verify(RELU, CUDA_CANDIDATES / "profiler_only_kernel.py", device="cuda")
     assert "custom_code" in failed_names(verdict), explain(verdict)
+    assert "only while it is profiled" in next(c.detail for c in verdict.checks if c.name == "custom_code")
 
 
 @pytest.mark.gpu
@@ -294,7 +303,7 @@ def test_candidate_cannot_poison_the_cached_ceilings(tmp_path):
 # Candidates tested outside the HONEST and CHEATS tables.
 OTHERS = {"illegal_address.py", "honest_relu.py", "content_cache.py", "decoy_kernel.py",
           "profiler_only_kernel.py", "ledger_forgery.py", "prepare_hook.py", "poison_ceilings.py",
-          "window_ahead.py"}
+          "window_ahead.py", "profiler_only_forged_ledger.py"}
 
 
 def extension_builds(path: Path):

@@ -3,8 +3,8 @@ two of its requests (the checker copying a window's inputs into the input pool, 
 inputs a call left there): a process left running could work on them where no clock sees it.
 Processes that fork and leave their group and their parents as fast as they can must be stopped
 too. Before the sandbox kept its processes in its group, one forked between the walk of the
-process tree and the stop of its parent was not in that walk: 11, 7 and 7 of 40 holds left
-one running in three runs on a 2-core machine (session 24).
+process tree and the stop of its parent was not in that walk: 11, 7, 7 and 12 of 40 holds
+left one running in four runs on a 2-core machine (session 24).
 """
 
 from __future__ import annotations

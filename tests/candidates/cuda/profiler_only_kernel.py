@@ -1,8 +1,9 @@
 """Cheat: custom code only when watched. torch.relu does the work; the extension is called only
 while torch's profiler is active (torch._C._autograd._profiler_enabled()), which is when the
 evaluator decides whether the candidate's own code runs.
-Meant to be caught by: custom_code. Today it passes: the decision rests on one profiled call
-(see test_custom_code_only_under_the_profiler).
+Meant to be caught by: custom_code. It was verified until session 24 (the decision rested on the
+one profiled call); now the profiled call's count of extension calls (one) is compared with its
+checked calls' (none).
 """
 
 import torch
