@@ -172,11 +172,13 @@ def limits(policy, device: Device) -> Limits:
 def task_limit(policy) -> int:
     """A sandbox's processes and threads: an honest one runs a few hundred at most (a thread per
     core, a build's compilers), and a fork bomb stopped here leaves most process IDs to the rest."""
+    if policy.task_limit:
+        return policy.task_limit
     try:
         process_ids = int(Path("/proc/sys/kernel/pid_max").read_text())
     except (OSError, ValueError):
         process_ids = 32768  # the kernel's default
-    return policy.task_limit or min(TASK_LIMIT, process_ids // 8)
+    return min(TASK_LIMIT, process_ids // 8)
 
 
 def sandbox_env(home: Path, device: Device, extra: dict[str, str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from evo import builds, cores, devices, judgement, reference_timing, storage
 from evo.config import VerifyPolicy
 from evo.handover import hand_over_pool
-from evo.judgement import CallDescription, EvaluatorError, Judgement, Rejected
+from evo.judgement import EvaluatorError, Judgement, Rejected
 from evo.profiled_call import ProfiledCall
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.session import TaskSession, await_started, checker_answer, new_seeds
@@ -289,7 +289,7 @@ class Evaluation:
             reply = self.run_candidate(seed, {"op": "run", "send_outputs": True,
                                               "exchange_bytes": self.exchange_bytes, "guard_memory": True}, where)
             details, _ = self.runner.receive(self.policy.call_timeout_s)
-            described = self.judge_details(details, reply, where)
+            described = self.judgement.described(details, reply, self.device.torch_name, where)
             self.extension_calls = max(self.extension_calls, details["extension_calls"])
             self.runner.hold()  # while the checker reads the call's inputs in the pool as it left them
             try:
@@ -304,9 +304,6 @@ class Evaluation:
             self.judgement.record_all(verdict["checks"], where)
             self.judgement.memory_bounds(described.memory, where)
         self.timings.correctness_s += time.monotonic() - started
-
-    def judge_details(self, details: dict, reply: dict, where: str) -> CallDescription:
-        return self.judgement.described(details, reply, self.device.torch_name, where)
 
     def run_candidate(self, seed: int, message: dict, where: str) -> dict:
         try:
@@ -358,7 +355,8 @@ class Evaluation:
         return time_candidate(self.runner, self.checker, self.flusher, self.inputs, seeds, self.exchange_bytes,
                               self.policy.call_timeout_s, self.device.kind,
                               lambda checks: self.judgement.record_all(checks, "a timed call"),
-                              lambda details, reply: self.judge_details(details, reply, "a timed call"))
+                              lambda details, reply: self.judgement.described(details, reply, self.device.torch_name,
+                                                                              "a timed call"))
 
     def await_candidate_processes(self) -> None:
         """Waiting for interpreters to start must not hold the device; nor may the profiler's

@@ -99,6 +99,7 @@ def probe(allow_namespaces: bool = True) -> IsolationProfile:
                                    "user",) + group_note)
 
 
+@functools.cache
 def _process_group_kept() -> bool:
     """Whether sandbox/isolate.py's filter keeps a process in its process group here (it needs seccomp)."""
     check = ("import os, sys; sys.path.insert(0, sys.argv[1]); import isolate; group = os.getpgid(0); "

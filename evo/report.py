@@ -33,7 +33,8 @@ def show_verdict(verdict: Verdict, as_json: bool) -> None:
         iso = verdict.isolation
         console.print(f"isolation: {iso.method}; network {'isolated' if iso.network_isolated else 'NOT isolated'}; "
                       f"PID namespace {'yes' if iso.pid_namespace else 'no'}; memory limit "
-                      f"{iso.memory_limit_bytes / 2**30:.1f} GiB; at most {iso.task_limit} processes and threads; call timeout {iso.call_timeout_s:g} s; "
+                      f"{iso.memory_limit_bytes / 2**30:.1f} GiB; at most {iso.task_limit} processes and threads; "
+                      f"call timeout {iso.call_timeout_s:g} s; "
                       f"processes {'forked by the fork server' if iso.forked else 'started afresh'}"
                       + "".join(f"\n  note: {note}" for note in iso.notes))
 

@@ -283,7 +283,8 @@ class SandboxProcess:
             self.kill()
             raise SandboxFailure("memory", f"the {self.label} used {resident / 2**30:.1f} GiB of memory, over the "
                                  f"limit of {self.limits.memory_bytes / 2**30:.1f} GiB, and was stopped", self.label)
-        if self.limits.tasks is not None and tasks > self.limits.tasks:  # a fork bomb, before it takes every process ID
+        # A fork bomb, stopped before it takes every process ID of the machine.
+        if self.limits.tasks is not None and tasks > self.limits.tasks:
             self.kill()
             raise SandboxFailure("processes", f"the {self.label} ran {tasks} processes and threads at once, over the "
                                  f"limit of {self.limits.tasks}, and was stopped", self.label)

@@ -1,8 +1,8 @@
 """What a sandbox's processes use of the machine, as this process sees it from outside: resident
-memory, processes and threads, and what they wrote to disk. A sandbox can write only in its own directory (the rest of
-the filesystem is read-only to it), so its directory, plus the files it deleted but still holds
-open there, is all it can take of the disk; one that filled the disk would fail every build
-beside it.
+memory, processes and threads, and what they wrote to disk. A sandbox can write only in its own
+directory (the rest of the filesystem is read-only to it), so its directory, plus the files it
+deleted but still holds open there, is all it can take of the disk; one that filled the disk
+would fail every build beside it.
 """
 
 from __future__ import annotations
