@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from evo import cores, storage
+from evo import cores, nvml, storage
 from evo.sandbox import wire
 from evo.sandbox_runner import Limits
 
@@ -356,6 +356,20 @@ class Ending:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
+
+
+# Below this share of a GPU's memory free as a turn ends, its killed processes end within it.
+FREE_FOR_OVERLAPPED_TEARDOWN = 0.5
+
+
+def teardown_may_overlap(device: Device) -> bool:
+    """Whether the next holder may take the device while this turn's killed processes end (see
+    `Ending`). Its checker and candidate take device memory at once, which killed processes give
+    back only as they end: not when they may be what fills the device (NVML unreadable counts)."""
+    if device.kind != "cuda":
+        return True
+    free = nvml.free_fraction(device.visible)
+    return free is not None and free >= FREE_FOR_OVERLAPPED_TEARDOWN
 
 
 LOCK_POLL_S = 0.02  # how often a cancellable wait tries the lock

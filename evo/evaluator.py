@@ -96,7 +96,8 @@ class Evaluation:
     def device_turn(self) -> None:
         """The evaluation's turn on the device. Its processes are killed before the turn ends and
         end after it, while the next evaluation checks in its checker and loads its candidate;
-        the next waits for them to be gone before it times anything or uses the exchange."""
+        the next waits for them to be gone before it times anything or uses the exchange. They
+        end within the turn where they may hold the memory the next one needs."""
         ending = devices.Ending(self.device)
         try:
             with devices.exclusive(self.device, defer_teardowns=True) as waited, \
@@ -108,6 +109,8 @@ class Evaluation:
                 finally:  # none of the candidate's code runs on the host once another holds the device
                     ending.hold()  # after this turn's own await_teardowns, which would wait for it
                     self.stop_processes()
+                    if not devices.teardown_may_overlap(self.device):
+                        self.release_processes()
                     self.timings.device_s = time.monotonic() - held
         finally:
             self.release_processes()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from evo import live_sandboxes
 from evo.sandbox import wire
 from evo.verdict import Isolation
 
@@ -74,6 +75,9 @@ def probe(allow_namespaces: bool = True) -> IsolationProfile:
     kept = _process_group_kept()
     group_note = () if kept else ("a sandbox's processes can leave its process group (no seccomp filter here): one "
                                   "that forks and moves on fast enough may run on while evo holds the sandbox",)
+    if not live_sandboxes.death_signal_prefix():
+        group_note += ("no parent-death signal here (setpriv --pdeathsig): a sandbox blocked in a call outlives "
+                       "an evo that is killed",)
     if allow_namespaces and unshare and os.name == "posix":
         for flags in _CANDIDATE_FLAGS:
             command = (unshare, *flags)

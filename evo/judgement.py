@@ -28,13 +28,6 @@ class EvaluatorError(Exception):
     """The evaluation could not run (bad input, or the evaluator itself failed)."""
 
 
-def inputs_made(prepared: dict) -> None:
-    """The task's own generator makes the profiled call's inputs in its process, before the
-    candidate's code runs on them: a failure there is the task's or the evaluator's."""
-    if "error" in prepared:
-        raise EvaluatorError(f"making the task's inputs failed in the candidate process: {prepared['error']}")
-
-
 class OutputDescription(BaseModel):
     """One output of a call, as the candidate's process describes it."""
 

@@ -3,14 +3,20 @@
 evo makes itself the subreaper of its sandboxes: a process that escapes its sandbox's group (a
 double fork with setsid) becomes evo's child rather than init's, and is killed when its sandbox
 ends. On Ctrl-C every sandbox is killed at once, and none starts until new ones are allowed.
+Each is started so that the kernel kills it once evo has ended, however evo ended.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
+import functools
 import os
+import shutil
 import signal
+import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 LIVE: set[int] = set()  # pids of the sandbox leaders this process started and has not reaped
@@ -89,6 +95,37 @@ def kill_all() -> None:
 
 def allow_new() -> None:
     REFUSING.clear()
+
+
+# Every sandbox is started from this one thread, which lives as long as this process: a process
+# asked to die with its parent dies when the thread that started it ends, not the process.
+_STARTER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="evo-sandbox-starter")
+
+
+def start(popen: Callable[[], subprocess.Popen]) -> subprocess.Popen:
+    """Run `popen` on the starter thread, for a command made by `dying_with_us`."""
+    return _STARTER.submit(popen).result()
+
+
+@functools.cache
+def death_signal_prefix() -> tuple[str, ...]:
+    """setpriv's command that sets a parent-death signal of SIGKILL, or () where it cannot."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
+    try:
+        check = subprocess.run([setpriv, "--pdeathsig", "KILL", "true"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return (setpriv, "--pdeathsig", "KILL") if check.returncode == 0 else ()
+
+
+def dying_with_us(command: list[str]) -> list[str]:
+    """`command`, killed by the kernel once the thread that started it has ended, which `start`
+    makes this process's end however it ends (SIGKILL, the OOM killer), and stopped or not (evo
+    holds a sandbox stopped at times). Its namespace's first process dies with it, and with that
+    everything inside. Unchanged where setpriv cannot set a parent-death signal."""
+    return [*death_signal_prefix(), *command]
 
 
 def _session(pid: int) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
 
-from evo.judgement import Judgement, describe_problem, inputs_made
+from evo.judgement import Judgement, describe_problem
 from evo.sandbox_runner import SandboxProcess
 from evo.session import await_started
 
@@ -52,7 +52,10 @@ class ProfiledCall:
         loaded, _ = self.process.receive(self.load_timeout)
         if "error" in loaded:
             judgement.reject("runs", f"loading the candidate again for the profiled call raised {loaded['error']}")
-        inputs_made(self.process.receive(self.call_timeout)[0])
+        prepared, _ = self.process.receive(self.call_timeout)
+        if "error" in prepared:  # the checker made the task's inputs without fault: its code did this
+            judgement.reject("runs", "the task's get_inputs() failed in the candidate's profiler process once the "
+                                     f"candidate had loaded there: {prepared['error']}")
         profiled, _ = self.process.receive(self.call_timeout)
         if "error" in profiled:
             judgement.reject("runs", f"the profiled call raised {profiled['error']}")

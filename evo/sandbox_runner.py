@@ -159,14 +159,23 @@ class SandboxProcess:
         command = self.isolation.command(self.workdir, [sys.executable, str(self.program), ",".join(map(str, given))])
         if PRLIMIT:
             command = [PRLIMIT, *self._limit_flags(), *command]
+        command = live_sandboxes.dying_with_us(command)
         live_sandboxes.become_subreaper()
-        with live_sandboxes.LOCK:
-            self._refuse_when_stopping()
+
+        def popen() -> subprocess.Popen:
             with thread_on(self.start_cores):
-                proc = subprocess.Popen(
+                return subprocess.Popen(
                     command, cwd=self.workdir, env={**self.env, "EVO_SANDBOX": "1"}, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=given,
                     start_new_session=True, preexec_fn=None if PRLIMIT else self._apply_limits)
+
+        with live_sandboxes.LOCK:
+            self._refuse_when_stopping()
+            try:
+                proc = live_sandboxes.start(popen)
+            except RuntimeError:  # the interpreter is exiting, and the starter thread with it
+                raise SandboxFailure("stopped", f"the {self.label} was not started: evo is stopping",
+                                     self.label) from None
             live_sandboxes.LIVE.add(proc.pid)
         return proc
 

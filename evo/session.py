@@ -142,6 +142,7 @@ class TaskSession:
         self.process_slots = threading.BoundedSemaphore(standby) if standby else None
         self.workdir = Path(tempfile.mkdtemp(prefix="evo-session-"))
         self.lock = threading.Lock()
+        self.starting_trusted = threading.Lock()  # held by the one evaluation that starts them
         self.checker: SandboxProcess | None = None
         self.flusher: SandboxProcess | None = None
         self.loader: TaskLoader | None = None  # loads the task into the checker and the flusher once started
@@ -222,12 +223,13 @@ class TaskSession:
         """Start the checker and the flusher unless both are running; a thread of their own
         loads the task into them as soon as they are up, while candidates build and their
         processes start."""
-        running = all(process is not None and process.running() for process in (self.checker, self.flusher))
-        if not running:
-            self.discard_trusted()
-            self.checker = self.sandbox("checker.py", "reference checker", exchange=True)
-            self.flusher = self.sandbox("flusher.py", "cache flusher")
-            self.loader = TaskLoader(self.checker, self.flusher, self.device, self.policy, self.task)
+        with self.starting_trusted:  # else two evaluations could each start a pair, one of them never released
+            running = all(process is not None and process.running() for process in (self.checker, self.flusher))
+            if not running:
+                self.discard_trusted()
+                self.checker = self.sandbox("checker.py", "reference checker", exchange=True)
+                self.flusher = self.sandbox("flusher.py", "cache flusher")
+                self.loader = TaskLoader(self.checker, self.flusher, self.device, self.policy, self.task)
 
     def facts(self) -> tuple[dict, float]:
         """The checker's description of the task (inputs, outputs, work, the device's ceilings),
@@ -237,7 +239,7 @@ class TaskSession:
         if self.task_facts is None and loader is not None:
             facts, warnings = loader.outcome()
             with self.lock:
-                if self.task_facts is None:
+                if self.task_facts is None and self.loader is loader:  # not one discarded meanwhile
                     self.task_facts, self.audit_warnings, queued = facts, warnings, loader.queued_s
         if self.task_facts is None:
             raise EvaluatorError("the task was not loaded: its reference process was stopped")
@@ -322,8 +324,12 @@ class TaskSession:
     def discard_trusted(self) -> None:
         """After a failure of the checker or the flusher, or of the reference's timing: the next
         evaluation starts them afresh rather than trust a process in an unknown state."""
-        trusted = [process for process in (self.checker, self.flusher) if process is not None]
-        loader, self.loader = self.loader, None
+        with self.lock:  # two evaluations failing at once: each process is released by one of them
+            trusted = [process for process in (self.checker, self.flusher) if process is not None]
+            loader, self.loader = self.loader, None
+            self.checker = self.flusher = None
+            self.task_facts, self.reference = None, None
+            self.forget_pool()
         if loader is not None:  # it ends at once: its wait for the device is called off, its processes end
             loader.cancelled.set()
             for process in trusted:
@@ -331,10 +337,6 @@ class TaskSession:
             loader.thread.join()
         for process in trusted:
             self.release(process)
-        with self.lock:
-            self.checker = self.flusher = None
-            self.task_facts, self.reference = None, None
-            self.forget_pool()
 
     def close(self) -> None:
         self.discard_trusted()

@@ -1,4 +1,5 @@
-"""Candidates that crash, hang, exit, flood, exhaust memory or escape (CPU versions).
+"""Candidates that crash, hang, exit, flood, exhaust memory or escape (CPU versions, and the
+device-memory hoarders on a GPU).
 
 Each fault must end in a clean verdict naming the check, within its time limit, leave no
 process behind, and the next verification in this same Python process must still work
@@ -7,16 +8,21 @@ process behind, and the next verification in this same Python process must still
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import EXAMPLE_TASKS, ROOT, failed_names
+from evo import live_sandboxes
 
 FAULTS = ROOT / "tests" / "candidates" / "faults"
 RELU = EXAMPLE_TASKS / "relu.py"
@@ -197,6 +203,13 @@ def test_os_exit_in_forward_is_rejected_by_runs(run_verify, honest_next):
     honest_next()
 
 
+def test_a_task_input_generator_broken_by_the_candidate_is_its_failure(run_verify, honest_next):
+    verdict, _ = run_fault(run_verify, "breaks_get_inputs.py")
+    check = only_failure(verdict)
+    assert check.name == "runs" and "get_inputs()" in check.detail and "no inputs for you" in check.detail, check.detail
+    honest_next()
+
+
 def test_candidate_crash_is_not_blamed_on_the_checker(run_verify):
     verdict, _ = run_fault(run_verify, "exit_blames_checker.py")
     assert verdict.verdict == "rejected", verdict.summary
@@ -366,3 +379,136 @@ def test_escaped_child_dies_without_namespaces(run_verify, tmp_path):
         assert_escapee_gone(marker)
     finally:
         kill_escapees(tmp_path / "escapee.marker")
+
+
+
+# ---- evo itself killed ---------------------------------------------------------------------------
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def spinner(pids: list[int]) -> int | None:
+    """One of these processes that kept a core busy for the last second, other than the trusted
+    ones (the checker is busy while it times the reference)."""
+    before = {pid: cpu_ticks(pid) for pid in pids if not re.search(r"(checker|flusher)\.py", command_line(pid))}
+    time.sleep(1.0)
+    busy = [pid for pid, ticks in before.items() if cpu_ticks(pid) - ticks >= 0.8 * os.sysconf("SC_CLK_TCK")]
+    return busy[0] if busy else None
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-fork-server"]], ids=["forked", "fresh-interpreters"])
+def test_sandboxes_end_with_evo_however_it_ends(flags):
+    """evo killed with SIGKILL (the OOM killer, kill -9) while a candidate spins in forward and
+    its process group is stopped, as evo's hold leaves it while inputs are copied in: none of its
+    sandboxes runs on, since a candidate left on the machine would slow every later timing
+    there. The test's process adopts evo's orphans, as a service manager or systemd's user
+    instance would: this machine's first process kills those it adopts."""
+    live_sandboxes.become_subreaper()
+    evo = subprocess.Popen([sys.executable, "-m", "evo", "verify", str(RELU), str(FAULTS / "hang_loop.py"),
+                            "--device", "cpu", "--call-timeout", "600", *flags], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while (spinning := spinner(descendants(evo.pid))) is None and time.monotonic() < deadline:
+            assert evo.poll() is None, "evo ended before the candidate spun"
+        assert spinning is not None, "the candidate never spun"
+        sandboxes = {pid: command_line(pid) for pid in descendants(evo.pid)}
+        os.killpg(os.getpgid(spinning), signal.SIGSTOP)
+    finally:
+        evo.kill()
+        evo.wait()
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in sandboxes if pid in live_processes()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    for pid in sandboxes:  # adopted: ours to reap
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    assert not left, "running after evo was killed: " + "; ".join(sandboxes[pid][:200] for pid in left)
+
+# ---- device memory (GPU) ---------------------------------------------------------------------------
+
+CUDA_RELU = ROOT / "tests" / "tasks" / "cuda_relu_odd.py"
+CUDA_HONEST = ROOT / "tests" / "candidates" / "cuda" / "honest_nvrtc_relu.py"
+# The hoarders compute with torch alone: allowed, so that only their memory is in question.
+HOARD_POLICY = dict(device="cuda", require_custom_code=False, timing_budget_s=0.3, max_timed_calls=50)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["device_memory_hoard.py", "device_memory_hoard_forward.py"])
+def test_a_device_memory_hoard_costs_only_its_own_verdict(cache_dir, name):
+    """A candidate keeps nearly all of the device's memory while evaluations queued beside it in
+    its session (as a search runs them) wait for the device and start their processes: they, and
+    the one after it, are verified, and the hoarder's verdict is its own, not an evaluator error."""
+    from evo import devices, nvml
+    from evo.config import VerifyPolicy
+    from evo.evaluator import verify
+    from evo.session import TaskSession
+
+    # Else every turn would wait for its processes to end before the next may start.
+    assert nvml.free_fraction(devices.resolve("cuda").visible) is not None, "NVML cannot read the device's memory"
+    policy = VerifyPolicy(**HOARD_POLICY)
+    session = TaskSession(CUDA_RELU, policy, cache_dir=cache_dir, standby=2).start()
+    verdicts = {}
+
+    def evaluate(label: str, candidate: Path, delay_s: float) -> None:
+        time.sleep(delay_s)
+        verdicts[label] = verify(CUDA_RELU, candidate, policy, cache_dir=cache_dir, session=session)
+
+    try:
+        beside = [threading.Thread(target=evaluate, args=args) for args in
+                  (("hoard", FAULTS / name, 0.0), ("beside 1", CUDA_HONEST, 0.5), ("beside 2", CUDA_HONEST, 1.0))]
+        for thread in beside:
+            thread.start()
+        for thread in beside:
+            thread.join()
+        evaluate("after", CUDA_HONEST, 0.0)
+    finally:
+        session.close()
+    assert verdicts["hoard"].verdict != "error", verdicts["hoard"].summary
+    for label in ("beside 1", "beside 2", "after"):
+        assert verdicts[label].verdict == "verified", (label, verdicts[label].summary)
+    assert_no_process_left()
+
+
+@pytest.mark.gpu
+def test_the_next_holder_of_the_device_finds_a_hoarders_memory_given_back(run_verify):
+    """A turn that ends with the device's memory nearly full waits for its killed processes to
+    end before it gives the device up: the next holder takes device memory at once (its checker,
+    its candidate's load), which a killed process gives back only as it ends."""
+    from evo import devices, nvml
+    from evo.devices import FREE_FOR_OVERLAPPED_TEARDOWN
+
+    device = devices.resolve("cuda")
+    free_when_taken: list[float] = []
+
+    finished = threading.Event()
+
+    def next_holder() -> None:
+        while not finished.is_set():
+            if nvml.free_fraction(device.visible) < FREE_FOR_OVERLAPPED_TEARDOWN:
+                break  # the hoarder has filled the device, in its turn
+            time.sleep(0.005)
+        else:
+            return
+        with devices.exclusive(device, defer_teardowns=True):  # as the hoarder's turn ends
+            free_when_taken.append(nvml.free_fraction(device.visible))
+
+    waiting = threading.Thread(target=next_holder)
+    waiting.start()
+    try:
+        verdict = run_verify(CUDA_RELU, FAULTS / "device_memory_hoard.py", **HOARD_POLICY)
+    finally:
+        finished.set()
+        waiting.join()
+    assert verdict.verdict != "error", verdict.summary
+    assert free_when_taken, "the hoarder was never seen filling the device"
+    assert free_when_taken[0] >= FREE_FOR_OVERLAPPED_TEARDOWN, \
+        f"the next holder took the device with {free_when_taken[0]:.1%} of its memory free"

@@ -10,6 +10,7 @@ left one running in four runs on a 2-core machine (session 24).
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -50,6 +51,24 @@ def state(pid: int) -> str:
         return "X"
 
 
+def stop_pending(pid: int) -> bool:
+    """Whether SIGSTOP waits for the process (it stops before it next runs its own code): on a
+    loaded machine a process can wait for a core, still shown running, long after it was sent."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & (1 << (signal.SIGSTOP - 1)) for mask in masks)
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
 def test_no_process_of_a_held_sandbox_runs(tmp_path):
     tag = uuid.uuid4().hex
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LINEAGES": str(LINEAGES), "HOLD_TEST_TAG": tag,
@@ -69,7 +88,8 @@ def test_no_process_of_a_held_sandbox_runs(tmp_path):
         for _ in range(HOLDS):
             process.hold()
             time.sleep(0.02)  # a stop still on its way would land by now
-            left_running.append([pid for pid in tagged(tag) if state(pid) not in NOT_RUNNING])
+            left_running.append([f"{pid} ({now}: {command_line(pid)})" for pid in tagged(tag)
+                                 if (now := state(pid)) not in NOT_RUNNING and not stop_pending(pid)])
             process.release()
             time.sleep(0.01)
         missed = [pids for pids in left_running if pids]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,11 +113,15 @@ def test_the_profiler_has_ended_before_the_candidate_is_timed(session, monkeypat
     assert seen and seen[0] == []
 
 
-def test_the_next_candidate_loads_while_the_last_ends_and_is_checked_only_once_it_has_ended(cache_dir, monkeypatch):
+def test_the_next_candidate_loads_while_the_last_ends_and_is_checked_only_once_it_has_ended(cache_dir, monkeypatch,
+                                                                                          tmp_path):
     """An evaluation gives the device up as soon as its processes are killed; the next one loads
     its candidate while they end, and waits for them to be gone before its first trial (nothing
     of theirs runs beside its checked or timed calls, and the exchange was cleared after them).
     Their ending is made slow here, as a large device context's is."""
+    # Device locks of its own, so that no evaluation of another test worker (each holds the
+    # machine's CPU lock for seconds) comes between these two turns.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ending_s = 4.0
     events: dict[tuple[str, int], float] = {}
     kill, load, correctness = SandboxProcess.kill, Evaluation.load_candidate, Evaluation.correctness
