@@ -402,6 +402,8 @@ def spinner(pids: list[int]) -> int | None:
     return busy[0] if busy else None
 
 
+@pytest.mark.skipif(not live_sandboxes.death_signal_prefix(), reason=(
+    "setpriv cannot set a parent-death signal here (the verdict's isolation notes say so)"))
 @pytest.mark.parametrize("flags", [[], ["--no-fork-server"]], ids=["forked", "fresh-interpreters"])
 def test_sandboxes_end_with_evo_however_it_ends(flags):
     """evo killed with SIGKILL (the OOM killer, kill -9) while a candidate spins in forward and

@@ -285,3 +285,30 @@ def test_a_corrupted_cuda_context_costs_only_its_own_verdict_in_a_session(cache_
     assert [v.verdict for v in verdicts] == ["verified", "rejected", "verified"], [v.summary for v in verdicts]
     assert verdicts[2].timings.reference_reused
     assert verdicts[2].timings.reference_eager == verdicts[0].timings.reference_eager
+
+
+def test_two_evaluations_failing_at_once_release_the_trusted_processes_once(cache_dir):
+    """Two evaluations of a search can fail at once, each discarding the session's checker and
+    flusher: each process must be released by one of them only (releasing it twice at once
+    raised AttributeError in the second, seen on the H200 with a device-memory hoarder)."""
+    for _ in range(3):
+        session = TaskSession(RELU, POLICY, cache_dir).start()
+        session.facts()  # the task loaded: both trusted processes are up
+        trusted = [session.checker, session.flusher]
+        barrier, errors = threading.Barrier(2), []
+
+        def discard() -> None:
+            barrier.wait()
+            try:
+                session.discard_trusted()
+            except Exception as err:  # noqa: BLE001 - any error is the failure
+                errors.append(repr(err))
+
+        threads = [threading.Thread(target=discard) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        session.close()
+        assert not errors, errors
+        assert not any(process.running() for process in trusted)
