@@ -312,3 +312,34 @@ def test_two_evaluations_failing_at_once_release_the_trusted_processes_once(cach
         session.close()
         assert not errors, errors
         assert not any(process.running() for process in trusted)
+
+
+def test_two_evaluations_starting_the_trusted_processes_at_once_leave_none_behind(cache_dir, monkeypatch):
+    """Two evaluations that begin at once after a failure each find no checker running: one
+    starts the pair, and none is left running once the session closes."""
+    started = []
+    sandbox = TaskSession.sandbox
+
+    def recording(self, *args, **kwargs):
+        process = sandbox(self, *args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(TaskSession, "sandbox", recording)
+    session = TaskSession(RELU, POLICY, cache_dir)
+    barrier = threading.Barrier(2)
+
+    def begin() -> None:
+        barrier.wait()
+        session.start_trusted()
+
+    threads = [threading.Thread(target=begin) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        session.close()
+    assert len(started) == 2, f"{len(started)} trusted processes were started"
+    assert not any(process.running() for process in started)
