@@ -96,6 +96,14 @@ def run_verify(cache_dir):
     return run
 
 
+def command_line(pid: int) -> str:
+    """A process's command line as one string ("?" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+
+
 def failed_names(verdict: Verdict) -> list[str]:
     return [check.name for check in verdict.failed()]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_TASKS, ROOT, failed_names
+from conftest import EXAMPLE_TASKS, ROOT, command_line, failed_names
 from evo import live_sandboxes
 
 FAULTS = ROOT / "tests" / "candidates" / "faults"
@@ -68,13 +68,6 @@ def descendants(root: int) -> list[int]:
         found.append(pid)
         stack.extend(children.get(pid, []))
     return found
-
-
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "?"
 
 
 def describe(pid: int) -> str:
@@ -381,7 +374,6 @@ def test_escaped_child_dies_without_namespaces(run_verify, tmp_path):
         kill_escapees(tmp_path / "escapee.marker")
 
 
-
 # ---- evo itself killed ---------------------------------------------------------------------------
 
 def cpu_ticks(pid: int) -> int:
@@ -434,6 +426,7 @@ def test_sandboxes_end_with_evo_however_it_ends(flags):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
     assert not left, "running after evo was killed: " + "; ".join(sandboxes[pid][:200] for pid in left)
+
 
 # ---- device memory (GPU) ---------------------------------------------------------------------------
 
@@ -490,7 +483,6 @@ def test_the_next_holder_of_the_device_finds_a_hoarders_memory_given_back(run_ve
 
     device = devices.resolve("cuda")
     free_when_taken: list[float] = []
-
     finished = threading.Event()
 
     def next_holder() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import command_line
 from evo import isolation
 from evo.sandbox_runner import SANDBOX_DIR, Limits, SandboxProcess
 
@@ -62,13 +63,6 @@ def stop_pending(pid: int) -> bool:
     return any(mask & (1 << (signal.SIGSTOP - 1)) for mask in masks)
 
 
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
-    except OSError:
-        return "?"
-
-
 def test_no_process_of_a_held_sandbox_runs(tmp_path):
     tag = uuid.uuid4().hex
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LINEAGES": str(LINEAGES), "HOLD_TEST_TAG": tag,
@@ -88,7 +82,7 @@ def test_no_process_of_a_held_sandbox_runs(tmp_path):
         for _ in range(HOLDS):
             process.hold()
             time.sleep(0.02)  # a stop still on its way would land by now
-            left_running.append([f"{pid} ({now}: {command_line(pid)})" for pid in tagged(tag)
+            left_running.append([f"{pid} ({now}: {command_line(pid)[:120]})" for pid in tagged(tag)
                                  if (now := state(pid)) not in NOT_RUNNING and not stop_pending(pid)])
             process.release()
             time.sleep(0.01)
