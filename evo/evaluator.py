@@ -5,10 +5,11 @@ parent itself observed. The candidate's process never holds an expected output.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
-from evo import builds, cores, devices, judgement, reference_timing, storage
+from evo import builds, cores, devices, judgement, neighbours, reference_timing, storage
 from evo.config import VerifyPolicy
 from evo.handover import hand_over_pool
 from evo.judgement import EvaluatorError, Judgement, Rejected
@@ -75,6 +76,8 @@ class Evaluation:
             outcome = self.sandbox_failed(failure)
         except EvaluatorError as err:
             self.session.discard_trusted()
+            outcome = ("error", str(err))
+        except neighbours.GpuShared as err:
             outcome = ("error", str(err))
         except OSError as err:  # a write of evo's own: the cache, a sandbox's directory
             outcome = ("error", storage.write_failure(err))
@@ -329,6 +332,7 @@ class Evaluation:
             warm_up(self.runner, self.flusher, self.inputs, new_seeds(policy.warmup_calls), {"op": "run"},
                     policy.load_timeout_s, True, self.device.kind)
             self.end_profiler()
+            since = time.time()  # after the warm-up: see neighbours.beside
             candidate = self.timed_calls(self.timed_seeds)
             protocol = self.calibrate()
             failed = failed_protocol_checks(protocol, candidate, self.device.kind)
@@ -347,8 +351,13 @@ class Evaluation:
         candidate.dump("candidate")
         self.reference.samples.dump("reference")
         self.timings.timing_s += time.monotonic() - started
+        beside = neighbours.beside(self.device, since)
+        self.warnings.extend(neighbours.warnings(self.reference.neighbours, beside))
         self.judgement.timed(protocol, candidate, self.timings, self.task_facts, self.device,
                              policy.allow_reduced_precision)
+        neighbours.judge_timing_beside(beside, self.judgement.by_name["timer_consistency"],
+                                       candidate.overhead_ms() - protocol.overhead_ms,
+                                       statistics.median(candidate.window_wall_ms))
 
     def calibrate(self) -> Calibration:
         return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s,

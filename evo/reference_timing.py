@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+from evo import neighbours
 from evo.config import VerifyPolicy
 from evo.devices import Device
 from evo.handover import OwnInputs
@@ -33,6 +34,7 @@ def measure(checker: SandboxProcess, flusher: SandboxProcess, policy: VerifyPoli
         out_bytes = sum(meta["nbytes"] for meta in facts["outputs"])
         keep = timed_plan.window * timed_plan.windows * out_bytes <= policy.expected_memory_bytes
         timed_seeds = timed_plan.seeds(new_seeds)
+        since = time.time()  # after the warm-up: see neighbours.beside
         samples = time_reference(checker, flusher, inputs, timed_seeds, "eager", keep, timeout, device.kind)
         compile_stats = None
         if policy.compile_baseline:
@@ -42,8 +44,9 @@ def measure(checker: SandboxProcess, flusher: SandboxProcess, policy: VerifyPoli
                                            timeout, device.kind).stats()
     except SubjectError as err:
         raise EvaluatorError(f"timing the reference failed: {err}") from None
+    beside = neighbours.beside(device, since, whole_span=True)
     return ReferenceTiming(samples=samples, stats=samples.stats(), compile_stats=compile_stats, plan=timed_plan,
-                           measured_at=time.monotonic()), timed_seeds
+                           measured_at=time.monotonic(), neighbours=beside), timed_seeds
 
 
 def recalibrate(checker: SandboxProcess, flusher: SandboxProcess, reference: ReferenceTiming,

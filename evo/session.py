@@ -17,7 +17,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evo import cores, devices, isolation
@@ -25,6 +25,7 @@ from evo.config import VerifyPolicy
 from evo.exchange import ExchangeBuffer
 from evo.fork_server import FORKED_PROGRAMS, ForkServer
 from evo.judgement import EvaluatorError
+from evo.neighbours import Neighbour
 from evo.precompiled_headers import PrecompiledHeaders
 from evo.sandbox_runner import SandboxFailure, SandboxProcess
 from evo.timing import Plan, Samples, window_allocations
@@ -47,6 +48,7 @@ class ReferenceTiming:
     compile_stats: TimingStats | None  # torch.compile of the reference, when asked for
     plan: Plan  # how many timed calls, in windows of how many, for both subjects
     measured_at: float  # time.monotonic() when it was measured
+    neighbours: list[Neighbour] = field(default_factory=list)  # processes outside evo computing beside it
 
 
 def new_seeds(count: int) -> list[int]:
@@ -319,7 +321,10 @@ class TaskSession:
         self.pool_fd, self.pool_bytes = None, 0
 
     def reference_fresh(self) -> bool:
-        return self.reference is not None and time.monotonic() - self.reference.measured_at < REFERENCE_STALE_S
+        """Whether the session's timing of the reference may serve another evaluation: not when
+        it was timed beside other work on the GPU, which makes every speedup against it look larger."""
+        return (self.reference is not None and not self.reference.neighbours
+                and time.monotonic() - self.reference.measured_at < REFERENCE_STALE_S)
 
     def discard_trusted(self) -> None:
         """After a failure of the checker or the flusher, or of the reference's timing: the next

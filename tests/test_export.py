@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CUDA_CANDIDATES, EXAMPLE_TASKS, ROOT, TASKS, verified_but_for_host_load
+from conftest import CUDA_CANDIDATES, EXAMPLE_TASKS, ROOT, TASKS, gpu_alone, verified_but_for_host_load
 from evo.archive import Archive, file_sha256
 from evo.cli import main as evo_main
 from evo.config import VerifyPolicy
@@ -348,10 +348,11 @@ def test_cuda_winner_installs_into_a_fresh_environment_and_passes_its_own_tests(
     report = build_report(python, "evo_relu", cwd=tmp_path)
     assert report["evo_example_relu_cuda"].startswith("prebuilt")
 
-    output = run_exported_tests(python, project, cwd=tmp_path)
+    with gpu_alone():
+        output = run_exported_tests(python, project, cwd=tmp_path)
+        bench = subprocess.run([python, str(project / "benchmark.py"), "--json", "--seconds", "1", "--compile"],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert "test_torch_compile" in Path(project / "tests" / "test_kernel.py").read_text() and "failed" not in output
-    bench = subprocess.run([python, str(project / "benchmark.py"), "--json", "--seconds", "1", "--compile"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stderr[-3000:]
     figures = json.loads(bench.stdout.strip().splitlines()[-1])
     print(f"\nCUDA export: {output.strip().splitlines()[-1]}; benchmark speedup {figures['speedup']:.2f}x "
@@ -391,5 +392,7 @@ def test_cuda_kernels_of_each_kind_pass_their_exported_tests(tmp_path, extension
     manifest = json.loads(next(project.glob("*/_manifest.json")).read_text())
     assert manifest["device"] == "cuda" and manifest["arch"] == capability
     env = {**os.environ, "PYTHONPATH": str(project), "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
-    output = run_exported_tests(Path(sys.executable), project, cwd=tmp_path, env=env)
+    build_report(Path(sys.executable), manifest["package"], cwd=tmp_path, env=env)  # built before the lock is taken
+    with gpu_alone():
+        output = run_exported_tests(Path(sys.executable), project, cwd=tmp_path, env=env)
     print(f"\n{candidate}: {output.strip().splitlines()[-1]}")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE_TASKS, ROOT, command_line, failed_names
+from conftest import EXAMPLE_TASKS, ROOT, failed_names
 from evo import live_sandboxes
+from evo.neighbours import command_line
 
 FAULTS = ROOT / "tests" / "candidates" / "faults"
 RELU = EXAMPLE_TASKS / "relu.py"

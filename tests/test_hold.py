@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import command_line
 from evo import isolation
+from evo.neighbours import command_line
 from evo.sandbox_runner import SANDBOX_DIR, Limits, SandboxProcess
 
 PROGRAM = Path(__file__).resolve().parent / "programs" / "hopping_lineages.py"

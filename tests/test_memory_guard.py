@@ -59,7 +59,7 @@ def _call_with_guard(call) -> dict:
 
 
 @pytest.mark.gpu
-def test_the_guard_sees_a_store_one_float_past_an_output():
+def test_the_guard_sees_a_store_one_float_past_an_output(gpu_alone_if_gpu):
     x = torch.randn(999, 1001, device="cuda")
 
     def overrun():
@@ -73,7 +73,7 @@ def test_the_guard_sees_a_store_one_float_past_an_output():
 
 
 @pytest.mark.gpu
-def test_the_guard_counts_every_byte_of_a_long_overrun_into_free_memory():
+def test_the_guard_counts_every_byte_of_a_long_overrun_into_free_memory(gpu_alone_if_gpu):
     x = torch.randn(999, 1001, device="cuda")
 
     def overrun():
@@ -86,7 +86,7 @@ def test_the_guard_counts_every_byte_of_a_long_overrun_into_free_memory():
 
 
 @pytest.mark.gpu
-def test_the_guard_sees_nothing_in_an_honest_call_that_allocates_and_frees():
+def test_the_guard_sees_nothing_in_an_honest_call_that_allocates_and_frees(gpu_alone_if_gpu):
     x = torch.randn(512, 777, device="cuda")
     w = torch.randn(777, 300, device="cuda")
 

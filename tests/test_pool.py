@@ -33,7 +33,7 @@ def handed_over(device: str, start: int = 100):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_an_input_read_from_the_pool_is_the_input_that_was_laid_out(device):
+def test_an_input_read_from_the_pool_is_the_input_that_was_laid_out(device, gpu_alone_if_gpu):
     window, specs, made = handed_over(device)
     reader = pool.Pool(os.dup(made.fd), made.nbytes, device)  # as a candidate's process maps it
     for inputs, call in zip(window, specs):

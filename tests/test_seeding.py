@@ -32,7 +32,7 @@ def seeded_by_torch(seed: int, device: str) -> list:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_the_harness_seeds_as_torch_manual_seed_does(device):
+def test_the_harness_seeds_as_torch_manual_seed_does(device, gpu_alone_if_gpu):
     if device == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no GPU")

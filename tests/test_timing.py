@@ -129,7 +129,7 @@ def test_tensors_in_whole_words_are_read_as_their_own_bytes():
 
 
 @pytest.mark.gpu
-def test_a_checksum_on_the_gpu_is_the_checksum_of_the_same_bytes_on_the_host():
+def test_a_checksum_on_the_gpu_is_the_checksum_of_the_same_bytes_on_the_host(gpu_alone_if_gpu):
     """The candidate sums its outputs where they live and the checker sums what it received, by
     different paths for some layouts: the two must agree on the same bytes and differ on one
     changed word."""
