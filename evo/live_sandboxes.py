@@ -81,6 +81,15 @@ def tree(root: int) -> list[int]:
     return found
 
 
+def descends_from(pid: int, root: int) -> bool:
+    """Whether `root` is `pid` or one of its ancestors; False for a process already gone."""
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = int(stat_field(pid, 4) or 0)
+    return pid == root
+
+
 def kill_all() -> None:
     """Kill every sandbox this process has running, and refuse new ones (Ctrl-C in a search):
     the threads waiting on them see their sandbox end at once and return."""
@@ -136,11 +145,17 @@ def _session(pid: int) -> int:
 
 
 def start_ticks(pid: int) -> int:
-    """When a process started, in clock ticks since boot (/proc/PID/stat field 22)."""
+    """When a process started, in clock ticks since boot (-1 once it is gone)."""
+    return int(stat_field(pid, 22) or -1)
+
+
+def stat_field(pid: int, number: int) -> str | None:
+    """Field `number` of /proc/PID/stat, numbered from 1 as proc(5) does; None once it is gone.
+    Read after the command's closing parenthesis, since a command may hold spaces and parentheses."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return -1
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[number - 3]
+    except (OSError, IndexError):
+        return None
 
 
 def _is_sandboxed(pid: int) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evo import nvml
+from evo.live_sandboxes import descends_from
 from evo.devices import Device
 from evo.verdict import Check
 
@@ -42,6 +43,10 @@ class Neighbour:
 
     def describe(self) -> str:
         return f"PID {self.pid} ({self.command}) at {self.sm_percent}% of the SMs"
+
+
+def listed(neighbours: list[Neighbour]) -> str:
+    return "; ".join(neighbour.describe() for neighbour in neighbours)
 
 
 def beside(device: Device, since: float, whole_span: bool = False) -> list[Neighbour]:
@@ -70,23 +75,6 @@ def beside(device: Device, since: float, whole_span: bool = False) -> list[Neigh
             if not descends_from(pid, os.getpid()) and Path(f"/proc/{pid}").exists()]
 
 
-def descends_from(pid: int, root: int) -> bool:
-    """Whether `root` is `pid` or one of its ancestors; False for a process already gone."""
-    while pid > 1:
-        if pid == root:
-            return True
-        pid = parent(pid)
-    return pid == root
-
-
-def parent(pid: int) -> int:
-    """A process's parent (0 once it is gone)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def command_line(pid: int) -> str:
     """A process's command line as one string ("?" once it is gone)."""
     try:
@@ -106,8 +94,7 @@ def warnings(beside_reference: list[Neighbour], beside_candidate: list[Neighbour
 
 
 def warning(neighbours: list[Neighbour], subject: str) -> str:
-    listed = "; ".join(neighbour.describe() for neighbour in neighbours)
-    return (f"other processes computed on the GPU while {subject} was timed ({listed}): times measured beside them "
+    return (f"other processes computed on the GPU while {subject} was timed ({listed(neighbours)}): times measured beside them "
             "are slower and less steady than the GPU's own; verify again on an idle GPU for figures to rely on")
 
 
@@ -120,7 +107,6 @@ def judge_timing_beside(neighbours: list[Neighbour], consistency: Check, unaccou
     accuses no one; beyond it, the failure stands, so no neighbour covers a tampered timer."""
     share = min(1.0, sum(neighbour.sm_percent for neighbour in neighbours) / 100)
     if neighbours and not consistency.passed and unaccounted_ms <= NEIGHBOUR_MARGIN * share * window_ms:
-        listed = "; ".join(neighbour.describe() for neighbour in neighbours)
         raise GpuShared(f"the candidate's timing failed {consistency.name} while other processes computed on the GPU "
-                        f"({listed}), whose share of it could take the {unaccounted_ms:.4f} ms per window of "
+                        f"({listed(neighbours)}), whose share of it could take the {unaccounted_ms:.4f} ms per window of "
                         f"{window_ms:.4f} ms that its timer left out: verify again on an idle GPU")

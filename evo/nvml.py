@@ -38,12 +38,10 @@ def _library() -> ctypes.CDLL | None:
 
 def free_fraction(gpu: str) -> float | None:
     """The fraction of a GPU's memory that no process holds, or None where NVML cannot say."""
-    library = _library()
-    if library is None:
+    opened, memory = _open(gpu), _MemoryInfo()
+    if opened is None:
         return None
-    handle, memory = _handle(library, gpu), _MemoryInfo()
-    if handle is None:
-        return None
+    library, handle = opened
     if library.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != NVML_SUCCESS or not memory.total:
         return None
     return memory.free / memory.total
@@ -54,10 +52,10 @@ def busy_processes(gpu: str, since: float) -> dict[int, int] | None:
     share of the GPU's SMs over that span in percent, as the driver sampled them (each sample
     covers the SAMPLE_PERIOD_S before it: see `await_sample`); None where NVML cannot say. The
     PIDs are those of the driver's PID namespace."""
-    library = _library()
-    handle = _handle(library, gpu) if library is not None else None
-    if handle is None:
+    opened = _open(gpu)
+    if opened is None:
         return None
+    library, handle = opened
     since_us = ctypes.c_ulonglong(int(since * 1e6))
     count = ctypes.c_uint(0)
     status = library.nvmlDeviceGetProcessUtilization(handle, None, ctypes.byref(count), since_us)
@@ -79,33 +77,17 @@ def busy_processes(gpu: str, since: float) -> dict[int, int] | None:
     return busy
 
 
-def _handle(library: ctypes.CDLL, gpu: str) -> ctypes.c_void_p | None:
-    """`gpu` as CUDA_VISIBLE_DEVICES names it: nvidia-smi's index (NVML's too) or a GPU-... UUID;
-    a MIG instance is not a whole GPU, and gets None."""
-    handle = ctypes.c_void_p()
-    if gpu.isdigit():
-        found = library.nvmlDeviceGetHandleByIndex_v2(int(gpu), ctypes.byref(handle))
-    elif gpu.startswith("GPU-"):
-        found = library.nvmlDeviceGetHandleByUUID(gpu.encode(), ctypes.byref(handle))
-    else:
-        return None
-    return handle if found == NVML_SUCCESS else None
-
-
 def compute_processes(gpu: str) -> set[int] | None:
     """The processes holding a compute context on a GPU, busy or not; None where NVML cannot say.
     The PIDs are those of the driver's PID namespace."""
-    library = _library()
-    handle = _handle(library, gpu) if library is not None else None
-    if handle is None:
-        return None
-    listing = getattr(library, "nvmlDeviceGetComputeRunningProcesses_v3", None)
+    opened = _open(gpu)
+    listing = getattr(opened[0], "nvmlDeviceGetComputeRunningProcesses_v3", None) if opened else None
     if listing is None:
         return None
     for room in (64, 4096):
         count = ctypes.c_uint(room)
         processes = (_ProcessInfo * room)()
-        status = listing(handle, ctypes.byref(count), processes)
+        status = listing(opened[1], ctypes.byref(count), processes)
         if status == NVML_SUCCESS:
             return {process.pid for process in processes[:count.value]}
         if status != NVML_ERROR_INSUFFICIENT_SIZE:
@@ -123,3 +105,19 @@ def await_sample(gpu: str, after: float, timeout: float) -> None:
         if busy is None or busy or time.monotonic() >= deadline:
             return
         time.sleep(SAMPLE_PERIOD_S / 10)
+
+
+def _open(gpu: str) -> tuple[ctypes.CDLL, ctypes.c_void_p] | None:
+    """NVML and its handle of a GPU named as CUDA_VISIBLE_DEVICES names it: nvidia-smi's index
+    (NVML's too) or a GPU-... UUID; None where NVML is missing, or for a MIG instance (not a
+    whole GPU)."""
+    library, handle = _library(), ctypes.c_void_p()
+    if library is None:
+        return None
+    if gpu.isdigit():
+        found = library.nvmlDeviceGetHandleByIndex_v2(int(gpu), ctypes.byref(handle))
+    elif gpu.startswith("GPU-"):
+        found = library.nvmlDeviceGetHandleByUUID(gpu.encode(), ctypes.byref(handle))
+    else:
+        return None
+    return (library, handle) if found == NVML_SUCCESS else None

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from evo import isolation
+from evo.live_sandboxes import stat_field
 from evo.neighbours import command_line
 from evo.sandbox_runner import SANDBOX_DIR, Limits, SandboxProcess
 
@@ -46,10 +47,7 @@ def tagged(tag: str) -> list[int]:
 
 
 def state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
+    return stat_field(pid, 3) or "X"
 
 
 def stop_pending(pid: int) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import CUDA_CANDIDATES, ROOT, TASKS, gpu_alone
 from evo import devices, neighbours, nvml
+from evo.live_sandboxes import descends_from
 from evo.session import TaskSession
 from evo.verdict import Check
 
@@ -29,10 +30,10 @@ def ours():
 
 
 def test_a_process_is_ours_when_we_are_among_its_ancestors(ours):
-    assert neighbours.descends_from(ours, os.getpid())
-    assert neighbours.descends_from(os.getpid(), os.getpid())
-    assert not neighbours.descends_from(os.getppid(), os.getpid())
-    assert not neighbours.descends_from(2**22 + 1, os.getpid())  # above any pid_max: no such process
+    assert descends_from(ours, os.getpid())
+    assert descends_from(os.getpid(), os.getpid())
+    assert not descends_from(os.getppid(), os.getpid())
+    assert not descends_from(2**22 + 1, os.getpid())  # above any pid_max: no such process
 
 
 def test_only_busy_processes_outside_evo_are_neighbours(ours, monkeypatch):

@@ -18,6 +18,7 @@ from conftest import CPU_CANDIDATES, EXAMPLE_TASKS, ROOT, failed_names
 from evo.config import VerifyPolicy
 from evo import evaluator
 from evo.evaluator import Evaluation
+from evo.live_sandboxes import stat_field
 from evo.sandbox_runner import SandboxProcess
 from evo.session import TaskSession
 from evo.timing import calibration
@@ -201,9 +202,8 @@ def process_group(pid: int) -> int:
     """The process group of a process that has not exited (-1 for one that has: a zombie runs
     nothing and holds no memory or device context)."""
     try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        return -1 if state in ("Z", "X") else os.getpgid(pid)
-    except (OSError, IndexError):
+        return -1 if stat_field(pid, 3) in (None, "Z", "X") else os.getpgid(pid)
+    except OSError:
         return -1
 
 
