@@ -315,7 +315,7 @@ def exclusive(device: Device, cancelled: threading.Event | None = None, defer_te
         if cancelled is None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         else:
-            while not _try_lock(handle):
+            while not try_lock(handle):
                 if cancelled.wait(LOCK_POLL_S):
                     raise Cancelled("the wait for the device was called off")
         try:
@@ -375,7 +375,7 @@ def teardown_may_overlap(device: Device) -> bool:
 LOCK_POLL_S = 0.02  # how often a cancellable wait tries the lock
 
 
-def _try_lock(handle) -> bool:
+def try_lock(handle) -> bool:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

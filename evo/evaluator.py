@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from evo import builds, cores, devices, judgement, neighbours, reference_timing, storage
+from evo import builds, cores, devices, judgement, neighbours, reference_timing, start_gate, storage
 from evo.config import VerifyPolicy
 from evo.handover import hand_over_pool
 from evo.judgement import EvaluatorError, Judgement, Rejected
@@ -243,8 +243,9 @@ class Evaluation:
             self.timings.reference_reused = True
         else:
             devices.await_teardowns(self.device)
-            self.reference, self.timed_seeds = reference_timing.measure(self.checker, self.flusher, self.policy,
-                                                                        self.task_facts, self.device)
+            with start_gate.starts_held_off(self.device, self.warnings, "the reference"):
+                self.reference, self.timed_seeds = reference_timing.measure(self.checker, self.flusher, self.policy,
+                                                                            self.task_facts, self.device)
             self.session.reference, self.session.last_timed = self.reference, time.monotonic()
         self.timings.reference_eager = self.reference.stats
         self.timings.reference_compile = self.reference.compile_stats
@@ -325,14 +326,29 @@ class Evaluation:
     def time_candidate(self) -> None:
         self.doing = "timing"
         started = time.monotonic()
-        policy = self.policy
+        with start_gate.starts_held_off(self.device, self.warnings, "the candidate"):
+            since, candidate, protocol = self.timed_and_calibrated()
+        candidate.dump("candidate")
+        self.reference.samples.dump("reference")
+        self.timings.timing_s += time.monotonic() - started
+        beside = neighbours.beside(self.device, since, [self.checker.pid, self.flusher.pid, self.runner.pid])
+        self.warnings.extend(neighbours.warnings(self.reference.neighbours, beside))
+        self.judgement.timed(protocol, candidate, self.timings, self.task_facts, self.device,
+                             self.policy.allow_reduced_precision)
+        neighbours.judge_timing_beside(beside, self.judgement.by_name["timer_consistency"],
+                                       candidate.overhead_ms() - protocol.overhead_ms,
+                                       statistics.median(candidate.window_wall_ms))
+
+    def timed_and_calibrated(self) -> tuple[float, Samples, Calibration]:
+        """The candidate's timed calls and the reference's recalibration beside them, and when
+        the timing began (time.time(), after the warm-up: see neighbours.beside)."""
         if time.monotonic() - self.session.last_timed > STILL_WARM_S:
-            self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=policy.call_timeout_s)
+            self.flusher.request({"op": "warm", "seconds": WARM_SECONDS}, timeout=self.policy.call_timeout_s)
         try:
-            warm_up(self.runner, self.flusher, self.inputs, new_seeds(policy.warmup_calls), {"op": "run"},
-                    policy.load_timeout_s, True, self.device.kind)
+            warm_up(self.runner, self.flusher, self.inputs, new_seeds(self.policy.warmup_calls), {"op": "run"},
+                    self.policy.load_timeout_s, True, self.device.kind)
             self.end_profiler()
-            since = time.time()  # after the warm-up: see neighbours.beside
+            since = time.time()
             candidate = self.timed_calls(self.timed_seeds)
             protocol = self.calibrate()
             failed = failed_protocol_checks(protocol, candidate, self.device.kind)
@@ -344,20 +360,11 @@ class Evaluation:
                                      "work hidden outside the timer); it was timed again on fresh inputs, and that "
                                      "timing is judged")
                 candidate = self.timed_calls(self.reference.plan.seeds(new_seeds))
+            return since, candidate, protocol
         except SubjectError as err:
             self.judgement.reject("runs", f"during timing: {err}")
         finally:
             self.session.last_timed = time.monotonic()
-        candidate.dump("candidate")
-        self.reference.samples.dump("reference")
-        self.timings.timing_s += time.monotonic() - started
-        beside = neighbours.beside(self.device, since)
-        self.warnings.extend(neighbours.warnings(self.reference.neighbours, beside))
-        self.judgement.timed(protocol, candidate, self.timings, self.task_facts, self.device,
-                             policy.allow_reduced_precision)
-        neighbours.judge_timing_beside(beside, self.judgement.by_name["timer_consistency"],
-                                       candidate.overhead_ms() - protocol.overhead_ms,
-                                       statistics.median(candidate.window_wall_ms))
 
     def calibrate(self) -> Calibration:
         return reference_timing.recalibrate(self.checker, self.flusher, self.reference, self.policy.call_timeout_s,

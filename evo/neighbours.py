@@ -3,9 +3,12 @@
 evo's device lock keeps its own evaluations apart, but anything else on the GPU (another user's
 job, a notebook, a test run's own kernels) takes SM time from the timed calls: times measured
 beside it are slower and less steady than the device's, and the timing protocol's own checks may
-fail for an honest candidate. The driver samples which process computed (evo.nvml); a process
-under this evo is not a neighbour, and cannot become one: evo is the subreaper of its sandboxes,
-so whatever a candidate starts stays in its tree.
+fail for an honest candidate. The driver samples which process computed (evo.nvml). Only the
+timed evaluation's own processes (its checker, cache flusher and candidate process, and what they
+started) may compute then: any other is a neighbour, evo's own included. None of evo's should
+(another evaluation's build sees no GPU, its processes make their contexts only outside timings,
+evo.start_gate), so one that does, a build that gave itself the GPU back say, is named as any
+other process would be, and a reference timed beside it is not reused.
 """
 
 from __future__ import annotations
@@ -40,23 +43,25 @@ class Neighbour:
     pid: int
     command: str  # its command line, shortened
     sm_percent: int  # its average share of the GPU's SMs over the span, as the driver sampled it
+    evo_own: bool = False  # started by this evo, for another evaluation or none
 
     def describe(self) -> str:
-        return f"PID {self.pid} ({self.command}) at {self.sm_percent}% of the SMs"
+        whose = ", one of this evo's own processes" if self.evo_own else ""
+        return f"PID {self.pid} ({self.command}{whose}) at {self.sm_percent}% of the SMs"
 
 
 def listed(neighbours: list[Neighbour]) -> str:
     return "; ".join(neighbour.describe() for neighbour in neighbours)
 
 
-def beside(device: Device, since: float, whole_span: bool = False) -> list[Neighbour]:
-    """The processes outside this evo that computed on the device since `since` (time.time()).
-    Nothing where the driver cannot say, or where its PIDs are not this PID namespace's (evo in
-    a container of its own): none of the processes it lists on the GPU is then one of ours,
-    though ours hold contexts there (a small kernel's keep the SMs busy under the 1% the driver
-    reports). A driver's sample covers the period before it (evo.nvml), so `since` should
-    follow the start of the device turn by that much, else the previous holder's last work
-    shows: the warm-up before each timing does.
+def beside(device: Device, since: float, ours: list[int], whole_span: bool = False) -> list[Neighbour]:
+    """The processes that computed on the device since `since` (time.time()) other than `ours`
+    (the timed evaluation's processes) and their descendants. Nothing where the driver cannot
+    say, or where its PIDs are not this PID namespace's (evo in a container of its own): none of
+    the processes it lists on the GPU is then one of evo's, though evo's hold contexts there (a
+    small kernel's keep the SMs busy under the 1% the driver reports). A driver's sample covers
+    the period before it (evo.nvml), so `since` should follow the start of the device turn by
+    that much, else the previous holder's last work shows: the warm-up before each timing does.
 
     With `whole_span`, a short span waits (up to a period and a half, on the device) for the
     sample that covers its end: for the reference's timing, which a session reuses. A
@@ -70,9 +75,10 @@ def beside(device: Device, since: float, whole_span: bool = False) -> list[Neigh
     busy = nvml.busy_processes(device.visible, since)
     if not busy or not any(descends_from(pid, os.getpid()) for pid in nvml.compute_processes(device.visible) or ()):
         return []
-    return [Neighbour(pid=pid, command=shortened(command_line(pid)), sm_percent=percent)
+    return [Neighbour(pid=pid, command=shortened(command_line(pid)), sm_percent=percent,
+                      evo_own=descends_from(pid, os.getpid()))
             for pid, percent in sorted(busy.items())
-            if not descends_from(pid, os.getpid()) and Path(f"/proc/{pid}").exists()]
+            if not any(descends_from(pid, own) for own in ours) and Path(f"/proc/{pid}").exists()]
 
 
 def command_line(pid: int) -> str:

@@ -44,7 +44,7 @@ def measure(checker: SandboxProcess, flusher: SandboxProcess, policy: VerifyPoli
                                            timeout, device.kind).stats()
     except SubjectError as err:
         raise EvaluatorError(f"timing the reference failed: {err}") from None
-    beside = neighbours.beside(device, since, whole_span=True)
+    beside = neighbours.beside(device, since, [checker.pid, flusher.pid], whole_span=True)
     return ReferenceTiming(samples=samples, stats=samples.stats(), compile_stats=compile_stats, plan=timed_plan,
                            measured_at=time.monotonic(), neighbours=beside), timed_seeds
 

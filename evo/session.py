@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evo import cores, devices, isolation
+from evo import cores, devices, isolation, start_gate
 from evo.config import VerifyPolicy
 from evo.exchange import ExchangeBuffer
 from evo.fork_server import FORKED_PROGRAMS, ForkServer
@@ -179,7 +179,7 @@ class TaskSession:
             parent = server.process.workdir if server is not None else self.workdir
             home = parent / f"{label.replace(' ', '-')}-{self.started}"
         home.mkdir()
-        env = devices.sandbox_env(home, self.device, env_extra or {})
+        env = devices.sandbox_env(home, self.device, {**start_gate.sandbox_env(self.device), **(env_extra or {})})
         process = SandboxProcess(program, isolation=self.profile, workdir=home, env=env, limits=self.limits,
                                  label=label, shared_fd=self.exchange.fd if exchange else shared_fd, door=exchange,
                                  start_cores=cores.for_starting(self.device.kind), fork_server=server,

@@ -327,7 +327,8 @@ def main() -> None:
     read_fd, write_fd, given = harness.channel_from_argv()
     isolate.keep_process_group()  # as a candidate's process is: the reference is timed under the same filter
     exchange_fd, door_fd = (given + [None, None])[:2]
-    harness.start_device()
+    with harness.device_start_gate():
+        harness.start_device()
     ceilings.warm_flop_counter()
     gc.freeze()  # what is loaded by now lives as long as the process: the collections between candidates skip it
     Checker(read_fd, write_fd, exchange_fd, door_fd).serve()

@@ -23,7 +23,8 @@ import wire  # noqa: E402
 
 def main() -> None:
     read_fd, write_fd, _ = harness.channel_from_argv()
-    harness.start_device()
+    with harness.device_start_gate():
+        harness.start_device()
     harness.forbid_tracing()
     flusher = None
     for msg, _ in wire.requests(read_fd):
