@@ -27,6 +27,9 @@ from evo.task import Task
 from evo.work import Produced, candidate_file, evaluate, produce
 
 PROVIDER_FAILURES_TO_STOP = 3  # consecutive failed LLM jobs: the provider is down, stop cleanly
+# An `error` verdict is the evaluator's failure, never the candidate's (a GPU another job was
+# computing on, a trusted process that crashed): the candidate is judged again, this many times.
+JUDGED_AGAIN_AFTER_ERROR = 1
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Optimizer:
         self.disk_full = False  # the run stopped because a disk it writes to is full
         self.provider_failures = 0
         self.task_stop: str | None = None  # set when the current task's search must end
+        self.errors: dict[int, int] = {}  # candidate id -> its evaluations that ended in `error`
         self.device_load = devices.DeviceLoad(setup.devices)
         kind, gpus = setup.devices[0].partition(":")[0], len(setup.devices)
         self.evaluations_per_gpu = self.config.evaluations_per_gpu or max(2, devices.parallel_builds(kind) // gpus)
@@ -167,6 +171,8 @@ class Optimizer:
             return
         if verdict.verdict == "error" and self.stop_if_disk_full(verdict.summary):
             return  # the candidate stays unfinished: a resume judges it
+        if kind == "evaluate" and verdict.verdict == "error" and self.judge_again(task, what, verdict, pending):
+            return
         failed = next((check.name for check in verdict.checks if not check.passed), None)
         if kind == "remeasure":
             self.archive.add_remeasurement(candidate_id, verdict.speedup or 0.0, verdict.timings.model_dump(),
@@ -178,6 +184,18 @@ class Optimizer:
             search.record(job, candidate_id, verdict.verdict, verdict.speedup, failed)
             self.progress.outcome(task.name, verdict.verdict, f"c{candidate_id} ({job.operator}) {first_line(verdict.summary)}")
         self.show_best(task, search)
+
+    def judge_again(self, task: Task, what: tuple[str, Job, int | None], verdict, pending: dict) -> bool:
+        """Queue a candidate whose evaluation ended in an evaluator error for another, behind the
+        evaluations queued now, unless it had its share; it stays unfinished meanwhile."""
+        candidate_id = what[2]
+        self.errors[candidate_id] = self.errors.get(candidate_id, 0) + 1
+        if self.errors[candidate_id] > JUDGED_AGAIN_AFTER_ERROR or self.run_stop:
+            return False
+        self.progress.log(f"{task.name}: c{candidate_id}: {first_line(verdict.summary)}; it will be judged again")
+        source = self.archive.candidate(candidate_id).source
+        pending[self.submit_evaluation(task, candidate_id, source)] = what
+        return True
 
     def settle_produced(self, task: Task, search: Search, future: Future, pending: dict) -> None:
         try:

@@ -16,8 +16,11 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE_TASKS, ROOT, TASKS
+from evo import optimize
 from evo.archive import Archive
 from evo.cli import main as evo_main
+from evo.verdict import Verdict
+from evo.work import evaluate
 from llm_server import Fail, Garbage, LLMServer, Reply
 
 SCRIPTED = ROOT / "examples" / "scripted" / "relu"
@@ -118,6 +121,34 @@ def test_a_build_error_is_repaired_with_the_compiler_log(workspace):
         prompt = json.loads(next(call for call in archive.llm_calls(run_id)
                                  if call.call_id == repair.llm_call_id).prompt)
         assert "expected" in prompt["messages"][-1]["content"]  # the compiler's complaint reached the LLM
+
+
+def test_an_evaluator_error_is_judged_again_once(workspace, monkeypatch):
+    """An `error` verdict is the evaluator's (on a GPU, another job computing beside the timing:
+    evo.neighbours), not the candidate's: the candidate is judged again once. The errors are
+    injected (a shared GPU cannot happen on a CPU); the evaluations after them are real."""
+    tmp, config, archive_path = workspace
+    replies = tmp / "replies.jsonl"
+    replies.write_text("".join(json.dumps({"reply": fenced(SCRIPTED / name)}) + "\n"
+                               for name in ("01_naive.py", "04_vectorized.py")))
+    calls: dict[str, int] = {}
+
+    def shared_gpu_at_first(path, session):
+        calls[path.name] = calls.get(path.name, 0) + 1
+        if calls[path.name] == 1 or path.name == "c2.py":
+            return Verdict(verdict="error", task=str(session.task), candidate=str(path), device="cpu",
+                           summary="the candidate's timing failed timer_consistency while other processes computed on "
+                                   "the GPU (PID 4321 (python train.py) at 40% of the SMs): verify again on an idle GPU")
+        return evaluate(path, session)
+
+    monkeypatch.setattr(optimize, "evaluate", shared_gpu_at_first)
+    code = evo_main(["optimize", str(RELU), "--llm", f"scripted:{replies}", "--device", "cpu",
+                     "--config", str(config), "--archive", str(archive_path), "--max-candidates", "2"])
+    assert code == 0
+    assert calls == {"c1.py": 2, "c2.py": 2}
+    with Archive(archive_path, create=False) as archive:
+        verdicts = {c.candidate_id: c.verdict for c in archive.candidates(archive.runs()[0].run_id)}
+    assert verdicts == {1: "verified", 2: "error"}, verdicts
 
 
 # ---- real SDKs over HTTP -------------------------------------------------------------------------
