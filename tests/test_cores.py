@@ -8,6 +8,7 @@ import pytest
 
 from conftest import TASKS
 from evo import cores
+from evo.live_sandboxes import stat_field
 
 
 def test_a_gpu_machine_keeps_its_last_cores_for_timing():
@@ -41,7 +42,8 @@ def test_every_thread_of_every_process_in_a_group_moves():
         assert wrapper.stdout.readline().strip() == "ready"
         target = {max(os.sched_getaffinity(0))}
         cores.move_groups({wrapper.pid}, target)
-        group = [entry for entry in os.listdir("/proc") if entry.isdigit() and _group_of(entry) == wrapper.pid]
+        group = [entry for entry in os.listdir("/proc")
+                 if entry.isdigit() and stat_field(int(entry), 5) == str(wrapper.pid)]
         threads = [int(task) for pid in group for task in os.listdir(f"/proc/{pid}/task")]
         assert len(group) >= 2 and len(threads) >= 3
         assert all(os.sched_getaffinity(thread) == target for thread in threads)
@@ -49,14 +51,6 @@ def test_every_thread_of_every_process_in_a_group_moves():
         wrapper.kill()
         subprocess.run(["pkill", "-KILL", "-g", str(wrapper.pid)], check=False)
         wrapper.wait()
-
-
-def _group_of(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[2])
-    except (OSError, ValueError):
-        return None
 
 
 @pytest.mark.gpu

@@ -136,9 +136,9 @@ def test_an_evaluator_error_is_judged_again_once(workspace, monkeypatch):
     def shared_gpu_at_first(path, session):
         calls[path.name] = calls.get(path.name, 0) + 1
         if calls[path.name] == 1 or path.name == "c2.py":
-            return Verdict(verdict="error", task=str(session.task), candidate=str(path), device="cpu",
-                           summary="the candidate's timing failed timer_consistency while other processes computed on "
-                                   "the GPU (PID 4321 (python train.py) at 40% of the SMs): verify again on an idle GPU")
+            summary = ("the candidate's timing failed timer_consistency while other processes computed on the GPU "
+                       "(PID 4321 (python train.py) at 40% of the SMs): verify again on an idle GPU")
+            return Verdict(verdict="error", task=str(session.task), candidate=str(path), device="cpu", summary=summary)
         return evaluate(path, session)
 
     monkeypatch.setattr(optimize, "evaluate", shared_gpu_at_first)
