@@ -6,7 +6,7 @@ evo's start gate (evo/start_gate.py).
 A timer times an NxN matmul in windows of 32 calls, in timing phases of a second with half a
 second between them (as evaluations time and then check or load); meanwhile other processes
 start as evo's sandboxes do (torch imported first, then the context, cuBLAS's handle and a few
-kernels, under `harness.device_start_gate`). Ungated, the starts fall anywhere; gated, the timer
+kernels, under sandbox/start_gate.py). Ungated, the starts fall anywhere; gated, the timer
 holds the gate through each phase, as an evaluation does. Prints, per run, the per-call medians of
 the windows that overlapped a start and of the others, side by side. Needs a GPU.
 """
@@ -36,10 +36,10 @@ PHASE_S, GAP_S = 1.0, 0.5
 STARTER = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT / "sandbox")!r})
-import harness, torch
+import harness, start_gate, torch
 print("imported", flush=True)
 sys.stdin.readline()
-with harness.device_start_gate():
+with start_gate.held():
     began = time.time()
     harness.start_device()
     print(f"started {{began}} {{time.time()}}", flush=True)

@@ -6,7 +6,7 @@ matmul on an H200, windows overlapping such a start took a median 1.2% and at wo
 (scratch probe, session 27), and the driver's per-process samples do not show it (evo.neighbours
 cannot name it). Every evo sandbox makes its context at start, outside any turn on the device,
 and a search starts them all the time. So each makes it holding this gate shared
-(sandbox/harness.py, `device_start_gate`), and an evaluation holds it exclusively while it
+(sandbox/start_gate.py), and an evaluation holds it exclusively while it
 times. An intent lock in front of it gives the timing precedence: once it waits, no new start
 begins. The locks are per machine and user, as the device lock is, so other evo processes on the
 machine keep to them too.
@@ -15,16 +15,14 @@ machine keep to them too.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import time
 from collections.abc import Iterator
 
 from evo import devices
 
 GATE_ENV = "EVO_START_GATE"  # the sandboxes' variable naming the gate's file
-INTENT_SUFFIX = ".intent"  # the intent lock's file is the gate's path with this suffix (sandbox/harness.py)
-# Starts under way when a timing begins take a few tenths of a second on an idle host; one held
-# longer is no start (a sandbox's own code may take the gate): the timing goes on, and says so.
+INTENT_SUFFIX = ".intent"  # the intent lock's file is the gate's path with this suffix (sandbox/start_gate.py)
+# Starts under way when a timing begins take a few tenths of a second on an idle host.
 START_WAIT_S = 10.0
 POLL_S = 0.01
 
@@ -44,20 +42,26 @@ def sandbox_env(device: devices.Device) -> dict[str, str]:
 @contextlib.contextmanager
 def starts_held_off(device: devices.Device, warnings: list[str], subject: str) -> Iterator[None]:
     """Hold the gate exclusively while `subject` is timed within: new starts wait, starts under
-    way end first. One that outlasts START_WAIT_S is timed beside, and a warning says so. Call
-    it holding the device: one timing at a time takes it."""
+    way end first. Where that takes over START_WAIT_S (a start that long is none: a sandbox's
+    own code holds a lock), the timing goes on beside it, and a warning says so; it never hangs
+    on the locks. Call it holding the device: one timing at a time takes them."""
     if device.kind != "cuda":
         yield
         return
     path = gate_path(device)
-    began = time.monotonic()
+    deadline = time.monotonic() + START_WAIT_S
     with open(path + INTENT_SUFFIX, "rb") as intent, open(path, "rb") as gate:
-        fcntl.flock(intent, fcntl.LOCK_EX)  # starters hold it only between their two locks
-        while not devices.try_lock(gate):
-            if time.monotonic() - began > START_WAIT_S:
-                warnings.append(f"a process on the GPU was still making its CUDA context {START_WAIT_S:.0f} s after "
-                                f"{subject}'s timing was to begin; it was timed beside it, and such a start slows "
-                                "timed calls")
-                break
-            time.sleep(POLL_S)
+        if not (locked_by(intent, deadline) and locked_by(gate, deadline)):
+            warnings.append(f"a process on the GPU was still making its CUDA context {START_WAIT_S:.0f} s after "
+                            f"{subject}'s timing was to begin, or held evo's start gate: {subject} was timed beside "
+                            "it, and such a start slows timed calls")
         yield
+
+
+def locked_by(handle, deadline: float) -> bool:
+    """Whether the lock on `handle` was taken exclusively before `deadline` (time.monotonic())."""
+    while not devices.try_lock(handle):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
+    return True

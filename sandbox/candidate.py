@@ -28,6 +28,7 @@ import hooks  # noqa: E402
 import isolate  # noqa: E402
 import memory_guard  # noqa: E402
 import pool  # noqa: E402
+import start_gate  # noqa: E402
 import wire  # noqa: E402
 
 _tensor_type = torch.Tensor
@@ -247,7 +248,7 @@ def main() -> None:
     read_fd, write_fd, given = harness.channel_from_argv()
     isolate.keep_process_group()  # before any candidate code: evo's hold of the group stops all it forks
     exchange_fd, door_fd = (given + [None, None])[:2]
-    with harness.device_start_gate():
+    with start_gate.held():
         harness.start_device()
         if torch.cuda.is_initialized():
             memory_guard.MemoryGuard().warm()

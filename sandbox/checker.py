@@ -26,6 +26,7 @@ import harness  # noqa: E402
 import isolate  # noqa: E402
 import numerics  # noqa: E402
 import pool  # noqa: E402
+import start_gate  # noqa: E402
 import wire  # noqa: E402
 
 
@@ -327,7 +328,7 @@ def main() -> None:
     read_fd, write_fd, given = harness.channel_from_argv()
     isolate.keep_process_group()  # as a candidate's process is: the reference is timed under the same filter
     exchange_fd, door_fd = (given + [None, None])[:2]
-    with harness.device_start_gate():
+    with start_gate.held():
         harness.start_device()
     ceilings.warm_flop_counter()
     gc.freeze()  # what is loaded by now lives as long as the process: the collections between candidates skip it

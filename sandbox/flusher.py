@@ -18,12 +18,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
+import start_gate  # noqa: E402
 import wire  # noqa: E402
 
 
 def main() -> None:
     read_fd, write_fd, _ = harness.channel_from_argv()
-    with harness.device_start_gate():
+    with start_gate.held():
         harness.start_device()
     harness.forbid_tracing()
     flusher = None

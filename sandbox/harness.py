@@ -6,9 +6,7 @@ Imports only the standard library and torch. Never imports evo.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import importlib.util
 import os
 import random
@@ -249,35 +247,11 @@ def _as_words(tensor):
 
 def start_device() -> None:
     """Create the CUDA context and cuBLAS's handle while the process waits for its first
-    message, so that they are not paid inside an evaluation's turn on the device. Call it within
-    `device_start_gate`."""
+    message, so that they are not paid inside an evaluation's turn on the device. Call it with
+    `start_gate.held()`."""
     if os.environ.get("CUDA_VISIBLE_DEVICES") and torch.cuda.is_available():
         square = torch.ones(8, 8, device="cuda")
         (square @ square).sum().item()
-
-
-@contextlib.contextmanager
-def device_start_gate():
-    """Hold evo's start gate shared (evo/start_gate.py): a context made while evo times calls on
-    the GPU slows them, so a start waits for the timing, and a timing for the starts under way.
-    The intent lock, taken first and let go once the gate is held, lets a waiting timing go
-    before any later start. Without the gate (off a GPU, or its files unreachable), no wait."""
-    path = os.environ.pop("EVO_START_GATE", "")
-    handles = []
-    try:
-        for name in (path + ".intent", path):
-            handles.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC))
-    except OSError:
-        pass
-    if len(handles) == 2:
-        fcntl.flock(handles[0], fcntl.LOCK_SH)
-        fcntl.flock(handles[1], fcntl.LOCK_SH)
-        fcntl.flock(handles[0], fcntl.LOCK_UN)
-    try:
-        yield
-    finally:
-        for handle in handles:
-            os.close(handle)
 
 
 # ---- devices -------------------------------------------------------------------------------

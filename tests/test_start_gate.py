@@ -1,13 +1,16 @@
 """The gate that keeps sandboxes from making CUDA contexts while evo times (evo/start_gate.py).
 
 The CPU tests drive both sides of it as evo does: the timing side in this process, the starting
-side in subprocesses running the sandboxes' own `harness.device_start_gate`. Who waits on which
+side in subprocesses running the sandboxes' own (sandbox/start_gate.py). Who waits on which
 lock is read from /proc/locks, so no test guesses from the clock whether a process is blocked.
 """
 
 from __future__ import annotations
 
+import fcntl
+import importlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TASKS
+from conftest import EXAMPLE_TASKS, ROOT, TASKS
 from evo import devices, nvml, start_gate
 from evo.config import VerifyPolicy
 from evo.live_sandboxes import descends_from
@@ -31,10 +34,10 @@ CPU = devices.Device(kind="cpu", visible="", name="a CPU", arch="")
 STARTER = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT / "sandbox")!r})
-import harness
+import start_gate
 print("imported", flush=True)
 sys.stdin.readline()
-with harness.device_start_gate():
+with start_gate.held():
     print(f"in {{time.time()}}", flush=True)
     time.sleep(float(sys.argv[1]))
 print(f"out {{time.time()}}", flush=True)
@@ -127,21 +130,64 @@ def test_a_timing_waits_for_the_starts_under_way_and_goes_before_later_ones(gate
     assert later.wait(60) == 0
 
 
+def timed_beside(subject: str) -> str:
+    """The one warning of a timing that gave up waiting for the gate (START_WAIT_S set to 0.5 s)."""
+    warnings: list[str] = []
+    began = time.monotonic()
+    with start_gate.starts_held_off(GPU, warnings, subject):
+        waited = time.monotonic() - began
+    assert 0.5 <= waited < 5 and len(warnings) == 1, (waited, warnings)
+    return warnings[0]
+
+
 def test_a_start_that_outlasts_the_wait_is_timed_beside_and_said(gate, monkeypatch):
     monkeypatch.setattr(start_gate, "START_WAIT_S", 0.5)
     stuck = start(gate, 30)
     try:
         stamp(stuck, "in")
-        warnings: list[str] = []
-        began = time.monotonic()
-        with start_gate.starts_held_off(GPU, warnings, "the candidate"):
-            waited = time.monotonic() - began
-        assert 0.5 <= waited < 5, waited
-        assert len(warnings) == 1 and "still making its CUDA context" in warnings[0]
-        assert "the candidate's timing" in warnings[0]
+        warning = timed_beside("the candidate")
+        assert "still making its CUDA context" in warning and "the candidate's timing" in warning
     finally:
         stuck.kill()
         stuck.wait()
+
+
+ROGUE = ("import fcntl, sys, time; gate = open(sys.argv[1], 'rb'); fcntl.flock(gate, fcntl.LOCK_EX); "
+         "print('holding', flush=True); time.sleep(60)")
+
+
+def test_a_process_holding_the_gate_hangs_no_timing(gate, monkeypatch):
+    """A sandbox's own code can take the gate's lock (its path is no secret). A start then holds
+    the intent lock while it waits for the gate; the timing neither hangs on it nor on the gate."""
+    monkeypatch.setattr(start_gate, "START_WAIT_S", 0.5)
+    path = gate[start_gate.GATE_ENV]
+    rogue = subprocess.Popen([sys.executable, "-c", ROGUE, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rogue.stdout.readline().strip() == "holding"
+        starter = start(gate, 0)
+        await_waiter(path, lambda pid: pid == starter.pid)
+        assert "held evo's start gate" in timed_beside("the reference")
+    finally:
+        rogue.kill()
+        rogue.wait()
+    assert stamp(starter, "in") > 0 and starter.wait(60) == 0  # the rogue gone, the start goes on
+
+
+def test_a_start_waits_for_the_gate_only_so_long(gate):
+    """The sandbox's wait is cut by a timer signal: it is a blocking wait, seen in /proc/locks."""
+    sandbox_gate = importlib.import_module("evo.sandbox.start_gate")
+    path = gate[start_gate.GATE_ENV]
+    handler = signal.getsignal(signal.SIGALRM)
+    with open(path, "rb") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        waiter = os.open(path, os.O_RDONLY)
+        try:
+            began = time.monotonic()
+            assert not sandbox_gate._shared_within(waiter, 0.3)
+            assert 0.3 <= time.monotonic() - began < 3
+        finally:
+            os.close(waiter)
+    assert signal.getsignal(signal.SIGALRM) == handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_off_a_gpu_or_without_the_gate_nothing_waits(gate):
@@ -154,6 +200,26 @@ def test_off_a_gpu_or_without_the_gate_nothing_waits(gate):
         with start_gate.starts_held_off(CPU, warnings, "the reference"):  # no file is even opened
             pass
     assert warnings == []
+
+
+@pytest.mark.parametrize("fork_server", [True, False])
+def test_a_candidate_process_keeps_to_the_gate_forked_or_fresh(tmp_path, monkeypatch, cache_dir, fork_server):
+    """A real candidate process, forked by the session's fork server or started afresh, given the
+    gate as on a GPU (on a CPU a sandbox gets none): it waits while calls are timed, then is ready."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    session = TaskSession(EXAMPLE_TASKS / "relu.py", VerifyPolicy(device="cpu", fork_server=fork_server), cache_dir)
+    try:
+        session.start_fork_server()
+        with start_gate.starts_held_off(GPU, [], "the reference"):
+            process = session.sandbox("candidate.py", "candidate process", start_gate.sandbox_env(GPU))
+            process.send({"op": "ready"})
+            await_waiter(start_gate.gate_path(GPU) + start_gate.INTENT_SUFFIX,
+                         lambda pid: descends_from(pid, process.pid))
+        assert await_started(process, 120, "starting a candidate process")["ready"]
+        assert (process.fork_server is not None) is fork_server
+        session.release(process)
+    finally:
+        session.close()
 
 
 # ---- on a GPU ----------------------------------------------------------------------------------
