@@ -1,15 +1,14 @@
 """The gate that keeps new CUDA contexts off a GPU while evo times calls on it.
 
 A process making its CUDA context (the driver's context, cuBLAS's handle, the first kernels
-loaded) slows the kernels of every other process on the GPU while it does: beside a timed 4096²
-matmul on an H200, windows overlapping such a start took a median 1.2% and at worst 28% longer
-(scratch probe, session 27), and the driver's per-process samples do not show it (evo.neighbours
-cannot name it). Every evo sandbox makes its context at start, outside any turn on the device,
-and a search starts them all the time. So each makes it holding this gate shared
-(sandbox/start_gate.py), and an evaluation holds it exclusively while it
-times. An intent lock in front of it gives the timing precedence: once it waits, no new start
-begins. The locks are per machine and user, as the device lock is, so other evo processes on the
-machine keep to them too.
+loaded) slows the kernels of every other process on the GPU while it does: beside a 4096² matmul
+timed on the H200, windows overlapping such a start took a median 2.6% longer per call, at worst
+15% (benchmarks/context_starts.py), and the driver's per-process samples do not show it
+(evo.neighbours cannot name it). Every evo sandbox makes its context at start, outside any turn
+on the device, and a search starts them all the time. So each makes it holding this gate shared
+(sandbox/start_gate.py), and an evaluation holds it exclusively while it times. An intent lock in
+front of it gives the timing precedence: once it waits, no new start begins. The locks are per
+machine and user, as the device lock is, so other evo processes on the machine keep to them too.
 """
 
 from __future__ import annotations

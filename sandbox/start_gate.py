@@ -27,7 +27,7 @@ def held():
     path = os.environ.pop("EVO_START_GATE", "")
     handles = []
     try:
-        for name in (path + ".intent", path):
+        for name in (path + ".intent", path) if path else ():
             handles.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC))
     except OSError:
         pass
