@@ -48,7 +48,7 @@ class ReferenceTiming:
     compile_stats: TimingStats | None  # torch.compile of the reference, when asked for
     plan: Plan  # how many timed calls, in windows of how many, for both subjects
     measured_at: float  # time.monotonic() when it was measured
-    neighbours: list[Neighbour] = field(default_factory=list)  # processes outside evo computing beside it
+    neighbours: list[Neighbour] = field(default_factory=list)  # other processes computing beside it (evo.neighbours)
 
 
 def new_seeds(count: int) -> list[int]:
